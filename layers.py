@@ -1,0 +1,319 @@
+"""Pure building blocks of PixelRNN (van den Oord et al., ICML 2016, arXiv:1601.06759).
+
+Every block is a pair of plain functions:
+
+    params = init_<block>(key, ...)        # a dict of jnp arrays
+    y      = <block>(params, x, colours)   # a pure function of arrays
+
+Feature maps are NHWC: ``(B, H, W, F)``. ``colours`` is the number of image
+channels (1 for grey, 3 for RGB): with 3 colours every masked layer splits its
+features into three contiguous groups tied to R, G and B (paper section 3.4).
+
+Read top to bottom: masks, masked convolution, the LSTM cell, the Row LSTM
+(section 3.1), skewing and the Diagonal BiLSTM (section 3.2), the PixelCNN
+residual block (section 3.5 / Figure 5) and the output head (section 3.4).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# ---------------------------------------------------------------------------
+# Masks (paper section 3.4, Figure 4)
+# ---------------------------------------------------------------------------
+
+
+def colour_groups(features, colours):
+    """Colour group (0 = R, 1 = G, 2 = B) of each of ``features`` features.
+
+    Groups are contiguous blocks: with 6 features and 3 colours the groups are
+    ``[0, 0, 1, 1, 2, 2]``. Returns an int array of shape ``(features,)``.
+    """
+    if features % colours:
+        raise ValueError(f"{features} features cannot be split into {colours} colour groups")
+    return np.arange(features) * colours // features
+
+
+def conv_mask(kernel_shape, colours, mask_type):
+    """The 0/1 mask of a masked convolution kernel ``(kh, kw, F_in, F_out)``.
+
+    Positions above the centre row and left of the centre in the centre row
+    are earlier in raster order: fully visible. Positions after the centre are
+    the future: hidden. At the centre itself, output group ``g`` may read
+    input groups ``< g`` (mask ``"A"``, first layer: a pixel must not see its
+    own value) or ``<= g`` (mask ``"B"``, later layers: features of group
+    ``g`` at the centre were already computed without seeing colour ``g``).
+    With one colour, mask A hides the centre and mask B shows it.
+    """
+    kh, kw, features_in, features_out = kernel_shape
+    centre_row, centre_col = kh // 2, kw // 2
+    groups_in = colour_groups(features_in, colours)[:, None]
+    groups_out = colour_groups(features_out, colours)[None, :]
+    centre = groups_in < groups_out if mask_type == "A" else groups_in <= groups_out
+    mask = np.zeros(kernel_shape, np.float32)
+    mask[:centre_row] = 1.0
+    mask[centre_row, :centre_col] = 1.0
+    mask[centre_row, centre_col] = centre
+    return mask
+
+
+# ---------------------------------------------------------------------------
+# Convolutions
+# ---------------------------------------------------------------------------
+
+
+def init_conv(key, kh, kw, features_in, features_out):
+    """Kernel ``(kh, kw, F_in, F_out)`` with LeCun-normal scale, zero bias ``(F_out,)``."""
+    fan_in = kh * kw * features_in
+    w = jax.random.normal(key, (kh, kw, features_in, features_out)) / np.sqrt(fan_in)
+    return {"w": w, "b": jnp.zeros((features_out,))}
+
+
+def conv(params, x, padding="SAME"):
+    """Plain 2-D convolution, stride 1: ``(B, H, W, F_in) -> (B, H', W', F_out)``.
+
+    ``"SAME"`` keeps the map size (zero padding outside the image); ``"VALID"``
+    is used by the fast sampler to evaluate one position from a patch.
+    """
+    y = lax.conv_general_dilated(
+        x, params["w"], window_strides=(1, 1), padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + params["b"]
+
+
+def masked_conv(params, x, colours, mask_type, padding="SAME"):
+    """Convolution whose kernel is multiplied by :func:`conv_mask`.
+
+    The mask is a numpy constant built from static shapes, so it costs nothing
+    at run time, and masked weights get zero gradient: they stay irrelevant
+    whatever the optimiser does.
+    """
+    mask = conv_mask(params["w"].shape, colours, mask_type)
+    return conv({"w": params["w"] * mask, "b": params["b"]}, x, padding)
+
+
+# ---------------------------------------------------------------------------
+# The LSTM cell shared by both recurrent layers (paper equation 3)
+# ---------------------------------------------------------------------------
+
+
+def lstm_cell(gates, cell_prev):
+    """One LSTM update from pre-activations ``gates (..., 4h)`` and ``cell_prev (..., h)``.
+
+    Gates are interleaved per hidden unit, ``[o_0, f_0, i_0, g_0, o_1, ...]``,
+    rather than stored as four blocks: then the contiguous colour groups of
+    the ``4h`` gate features line up with those of the ``h`` state features,
+    so one masking rule serves every layer. Returns ``(hidden, cell)``, each
+    ``(..., h)``.
+    """
+    o, f, i, g = jnp.moveaxis(gates.reshape(*gates.shape[:-1], -1, 4), -1, 0)
+    cell = jax.nn.sigmoid(f) * cell_prev + jax.nn.sigmoid(i) * jnp.tanh(g)
+    hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
+    return hidden, cell
+
+
+# ---------------------------------------------------------------------------
+# Row LSTM (paper section 3.1, Figure 2 left)
+# ---------------------------------------------------------------------------
+
+
+def init_row_lstm(key, features, hidden, kernel=3):
+    """Parameters of a Row LSTM layer reading and writing ``features`` = 2h maps."""
+    k_input, k_state, k_output = jax.random.split(key, 3)
+    return {
+        "input_to_state": init_conv(k_input, 1, kernel, features, 4 * hidden),
+        "state_to_state": init_conv(k_state, 1, kernel, hidden, 4 * hidden),
+        "output": init_conv(k_output, 1, 1, hidden, features),
+    }
+
+
+def row_lstm_step(state_to_state, carry, gates_from_input):
+    """Advance the Row LSTM by one image row.
+
+    ``carry = (hidden, cell)`` of the row above, each ``(B, W, h)``;
+    ``gates_from_input (B, W, 4h)`` is this row's input-to-state part. The
+    state-to-state part is an unmasked ``1 x k`` convolution of the row above:
+    every position it reads is in an earlier row, so nothing needs hiding.
+    """
+    hidden_above, cell_above = carry
+    gates = gates_from_input + conv(state_to_state, hidden_above[:, None])[:, 0]
+    hidden, cell = lstm_cell(gates, cell_above)
+    return (hidden, cell), hidden
+
+
+def row_lstm(params, x, colours):
+    """Row LSTM layer: ``(B, H, W, 2h) -> (B, H, W, 2h)`` (before the residual add).
+
+    The input-to-state ``1 x k`` convolution with mask B is computed for the
+    whole map at once; ``lax.scan`` then runs the recurrence down the rows.
+    Each output sees a triangle above it (and the pixels to its left, via the
+    mask-A input layer and the mask-B convolutions).
+    """
+    gates_from_input = masked_conv(params["input_to_state"], x, colours, "B")
+    batch, _, width, _ = x.shape
+    hidden_size = params["state_to_state"]["w"].shape[2]
+    zeros = jnp.zeros((batch, width, hidden_size), x.dtype)
+
+    def step(carry, row_gates):
+        return row_lstm_step(params["state_to_state"], carry, row_gates)
+
+    _, hidden_rows = lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_from_input, 0, 1))
+    hidden = jnp.swapaxes(hidden_rows, 0, 1)
+    return masked_conv(params["output"], hidden, colours, "B")
+
+
+# ---------------------------------------------------------------------------
+# Skewing and the Diagonal BiLSTM (paper section 3.2, Figure 3)
+# ---------------------------------------------------------------------------
+
+
+def skew(x):
+    """Shift row ``r`` right by ``r``: ``(..., H, W, F) -> (..., H, W + H - 1, F)``.
+
+    Each column of the result is then one diagonal of the image, so a scan
+    over columns processes a whole diagonal per step. Done without a loop:
+    pad every row to ``W + H`` with zeros, flatten, drop the last ``H``
+    entries and read the same memory back with rows of ``W + H - 1``; each
+    row starts one entry earlier than before, i.e. shifted right by one more.
+    """
+    *lead, height, width, features = x.shape
+    padded = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, height), (0, 0)])
+    flat = padded.reshape(*lead, height * (width + height), features)
+    return flat[..., : height * (width + height - 1), :].reshape(
+        *lead, height, width + height - 1, features)
+
+
+def unskew(x):
+    """Inverse of :func:`skew`: ``(..., H, W + H - 1, F) -> (..., H, W, F)``."""
+    *lead, height, skewed_width, features = x.shape
+    width = skewed_width - height + 1
+    flat = x.reshape(*lead, height * skewed_width, features)
+    padded = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, height), (0, 0)])
+    return padded.reshape(*lead, height, width + height, features)[..., :width, :]
+
+
+def shift_down(x):
+    """Move a map ``(..., H, W, F)`` down one row, filling the top with zeros."""
+    pad = [(0, 0)] * (x.ndim - 3) + [(1, 0), (0, 0), (0, 0)]
+    return jnp.pad(x, pad)[..., :-1, :, :]
+
+
+def init_diagonal_bilstm(key, features, hidden):
+    """Parameters of a Diagonal BiLSTM layer; the leading axis 2 is the direction.
+
+    ``state_to_state["w"]`` has shape ``(2, 2, 1, h, 4h)``: per direction a
+    ``2 x 1`` kernel whose first row reads the state above (previous column,
+    one row up in the skewed map) and whose second row reads the state to
+    the left (previous column, same row).
+    """
+    k_input, k_state, k_output = jax.random.split(key, 3)
+    both = jax.random.split(k_input, 2)
+    return {
+        "input_to_state": jax.vmap(lambda k: init_conv(k, 1, 1, features, 4 * hidden))(both),
+        "state_to_state": jax.vmap(lambda k: init_conv(k, 2, 1, hidden, 4 * hidden))(
+            jax.random.split(k_state, 2)),
+        "output": init_conv(k_output, 1, 1, hidden, features),
+    }
+
+
+def diagonal_lstm_step(state_to_state, carry, column):
+    """Advance both directions' LSTMs by one column of the skewed map.
+
+    ``carry = (hidden, cell)``, each ``(2, B, H, h)``: the previous column.
+    ``column = (gates_from_input (2, B, H, 4h), inside (H,))``. Position
+    ``r`` reads the previous column at rows ``r - 1`` (the pixel above) and
+    ``r`` (the pixel to the left). ``inside`` zeroes the state on the skew
+    padding, so the image border looks the same as for the Row LSTM: zero
+    state outside the image.
+    """
+    hidden_prev, cell_prev = carry
+    gates_from_input, inside = column
+    hidden_above = jnp.pad(hidden_prev, [(0, 0), (0, 0), (1, 0), (0, 0)])[:, :, :-1]
+    both_rows = jnp.concatenate([hidden_above, hidden_prev], axis=-1)   # (2, B, H, 2h)
+    kernel = state_to_state["w"].reshape(2, -1, state_to_state["w"].shape[-1])
+    gates = gates_from_input + jnp.einsum("dbhk,dkg->dbhg", both_rows, kernel)
+    gates = gates + state_to_state["b"][:, None, None, :]
+    hidden, cell = lstm_cell(gates, cell_prev)
+    inside = inside[None, None, :, None]
+    return (hidden * inside, cell * inside), hidden * inside
+
+
+def diagonal_bilstm(params, x, colours):
+    """Diagonal BiLSTM layer: ``(B, H, W, 2h) -> (B, H, W, 2h)`` (before the residual add).
+
+    Direction 0 scans the image's diagonals left to right; direction 1 does
+    the same on the horizontally mirrored image. Both run in one
+    ``lax.scan``. The input-to-state part is a ``1 x 1`` mask-B convolution,
+    computed on the unskewed map (no work wasted on the skew padding) and
+    then skewed. Direction 1's output is mirrored back and **shifted down one
+    row** before the two are added: unshifted it would see pixels to the
+    right in the same row, which come later in raster order.
+    """
+    batch, height, width, _ = x.shape
+    hidden_size = params["output"]["w"].shape[2]
+    gates = jax.vmap(lambda p: masked_conv(p, x, colours, "B"))(params["input_to_state"])
+    gates = jnp.stack([gates[0], gates[1][:, :, ::-1]])               # (2, B, H, W, 4h)
+    columns = jnp.moveaxis(skew(gates), 3, 0)                         # (W+H-1, 2, B, H, 4h)
+    inside = skew(jnp.ones((height, width, 1)))[..., 0].T             # (W+H-1, H)
+    zeros = jnp.zeros((2, batch, height, hidden_size), x.dtype)
+
+    def step(carry, column):
+        return diagonal_lstm_step(params["state_to_state"], carry, column)
+
+    _, hidden_columns = lax.scan(step, (zeros, zeros), (columns, inside))
+    hidden = unskew(jnp.moveaxis(hidden_columns, 0, 3))               # (2, B, H, W, h)
+    combined = hidden[0] + shift_down(hidden[1][:, :, ::-1])
+    return masked_conv(params["output"], combined, colours, "B")
+
+
+# ---------------------------------------------------------------------------
+# PixelCNN residual block (paper section 3.5, Figure 5 right)
+# ---------------------------------------------------------------------------
+
+
+def init_pixelcnn_block(key, features, hidden):
+    """Parameters of a residual block ``2h -> h -> h -> 2h``."""
+    k_reduce, k_masked, k_expand = jax.random.split(key, 3)
+    return {
+        "reduce": init_conv(k_reduce, 1, 1, features, hidden),
+        "masked": init_conv(k_masked, 3, 3, hidden, hidden),
+        "expand": init_conv(k_expand, 1, 1, hidden, features),
+    }
+
+
+def pixelcnn_block(params, x, colours):
+    """ReLU, 1x1, ReLU, 3x3 mask B, ReLU, 1x1: ``(B, H, W, 2h) -> (B, H, W, 2h)``.
+
+    Stacked ``3 x 3`` masks grow a receptive field that misses a wedge of
+    pixels up and to the right (the "blind spot"); the PixelRNN layers do
+    not have it. That is the model as published, and a test checks it.
+    """
+    y = masked_conv(params["reduce"], jax.nn.relu(x), colours, "B")
+    y = masked_conv(params["masked"], jax.nn.relu(y), colours, "B")
+    return masked_conv(params["expand"], jax.nn.relu(y), colours, "B")
+
+
+# ---------------------------------------------------------------------------
+# Output head (paper section 3.4 and Table 1)
+# ---------------------------------------------------------------------------
+
+
+def init_output_head(key, features, out_hidden, out_features):
+    """Two ``1 x 1`` convolutions: ``features -> out_hidden -> out_features``."""
+    k_hidden, k_logits = jax.random.split(key)
+    return {
+        "hidden": init_conv(k_hidden, 1, 1, features, out_hidden),
+        "logits": init_conv(k_logits, 1, 1, out_hidden, out_features),
+    }
+
+
+def output_head(params, x, colours):
+    """ReLU, 1x1 mask B, ReLU, 1x1 mask B: ``(B, H, W, F) -> (B, H, W, out_features)``.
+
+    The output features are ordered colour-major (all of R's logits, then
+    G's, then B's), so mask B lets colour ``c``'s logits read only features
+    of groups ``<= c``.
+    """
+    y = masked_conv(params["hidden"], jax.nn.relu(x), colours, "B")
+    return masked_conv(params["logits"], jax.nn.relu(y), colours, "B")
