@@ -76,8 +76,13 @@ def conv(params, x, padding="SAME"):
     ``"SAME"`` keeps the map size (zero padding outside the image); ``"VALID"``
     is used by the fast sampler to evaluate one position from a patch.
     """
+    w = params["w"]
+    if w.shape[:2] == (1, 1):
+        # A 1x1 convolution is a matrix product over features; XLA:CPU runs
+        # its gradient about 5x faster written as one (measured, bench.py).
+        return x @ w[0, 0] + params["b"]
     y = lax.conv_general_dilated(
-        x, params["w"], window_strides=(1, 1), padding=padding,
+        x, w, window_strides=(1, 1), padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + params["b"]
 
@@ -137,7 +142,15 @@ def row_lstm_step(state_to_state, carry, gates_from_input):
     every position it reads is in an earlier row, so nothing needs hiding.
     """
     hidden_above, cell_above = carry
-    gates = gates_from_input + conv(state_to_state, hidden_above[:, None])[:, 0]
+    kernel_width = state_to_state["w"].shape[1]
+    padded = jnp.pad(hidden_above, [(0, 0), (kernel_width // 2, kernel_width // 2), (0, 0)])
+    width = hidden_above.shape[1]
+    # The convolution as one matrix product over the k neighbours above:
+    # XLA:CPU differentiates convolutions inside a scan very slowly (measured:
+    # 25x slower than outside one), matrix products at full speed.
+    neighbours = jnp.concatenate([padded[:, dx:dx + width] for dx in range(kernel_width)], -1)
+    kernel = state_to_state["w"].reshape(-1, state_to_state["w"].shape[-1])    # (k*h, 4h)
+    gates = gates_from_input + neighbours @ kernel + state_to_state["b"]
     hidden, cell = lstm_cell(gates, cell_above)
     return (hidden, cell), hidden
 
