@@ -5,8 +5,20 @@ Run it with ``python -m pytest -q``.
 """
 
 import ast
+import gzip
+import hashlib
 import itertools
+import json
+import os
 import pathlib
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +26,10 @@ import numpy as np
 import optax
 import pytest
 
+import data
 import layers
 import pixelrnn
+import train
 
 ROOT = pathlib.Path(__file__).parent
 
@@ -322,3 +336,344 @@ def test_forward_pass_has_no_python_loop_over_pixels(model):
         return len(jax.make_jaxpr(pixelrnn.log_prob, static_argnums=1)(params, cfg, images).eqns)
 
     assert equations(4) == equations(12)
+
+
+# ---- data and training (issue 3) ----
+
+
+def test_embedded_mnist_loads_with_the_documented_shapes_and_pinned_binarizations():
+    """data/mnist.npz holds the 50k / 10k / 10k split; validation and test are
+    one fixed binarization, pinned here bit for bit (sha256 of the packed
+    bits), so every machine and every run scores the same images."""
+    ds = data.load_dataset("mnist")
+    assert (ds.channels, ds.levels, ds.fresh_binarization) == (1, 2, True)
+    assert ds.train.shape == (50000, 28, 28, 1) and ds.train.dtype == np.uint8
+    assert ds.valid.shape == ds.test.shape == (10000, 28, 28, 1)
+    assert abs(ds.train.mean() - 33.395) < 1e-3  # 8-bit intensities, binarized batch by batch
+    pinned = {"valid": "b09189cb8654d152ad3b07406de98b2424830c8371461c4f309645756f2ac30a",
+              "test": "65496e2c574d83e5bad353ce84c447bc8839aae0fb0095096bf0ff8759e11b95"}
+    for split, digest in pinned.items():
+        bits = getattr(ds, split)
+        assert set(np.unique(bits)) == {0, 1}
+        assert hashlib.sha256(np.packbits(bits).tobytes()).hexdigest() == digest
+    fixed = data.load_dataset("mnist", binarize_train="fixed")
+    assert not fixed.fresh_binarization and set(np.unique(fixed.train)) == {0, 1}
+    eight_bit = data.load_dataset("mnist256")
+    assert eight_bit.levels == 256 and eight_bit.valid.max() == 255
+
+
+def test_binarize_draws_bernoulli_intensity_over_255():
+    """A pixel of intensity k is 1 with probability k / 255, reproducibly."""
+    intensities = np.repeat(np.array([[0, 51, 255]], np.uint8), 20000, axis=0)
+    bits = data.binarize(intensities, seed=7)
+    np.testing.assert_allclose(bits.mean(axis=0), [0.0, 0.2, 1.0], atol=0.01)
+    np.testing.assert_array_equal(bits, data.binarize(intensities, seed=7))
+
+
+def tiny_dataset(fresh=True, num=10):
+    """A 10-image dataset whose image i is filled with intensity 25 * i."""
+    images = (np.arange(num, dtype=np.uint8) * 25)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
+    return data.Dataset("tiny", 1, 2, train=images, valid=images, test=images, fresh_binarization=fresh)
+
+
+def test_train_batches_are_deterministic_resumable_and_cover_each_epoch_once():
+    ds = tiny_dataset(fresh=False)
+    epoch = lambda seed, e, start=0: [b for _, b in data.train_batches(ds, 3, seed, e, start)]  # noqa: E731
+    first = epoch(0, 0)
+    assert len(first) == data.steps_per_epoch(ds, 3) == 3  # the incomplete last batch is dropped
+    assert len(np.unique(np.concatenate(first)[:, 0, 0, 0])) == 9
+    np.testing.assert_array_equal(np.stack(first), np.stack(epoch(0, 0)))
+    np.testing.assert_array_equal(np.stack(first[1:]), np.stack(epoch(0, 0, start=1)))
+    assert not np.array_equal(np.stack(first), np.stack(epoch(0, 1)))  # a new order every epoch
+    assert not np.array_equal(np.stack(first), np.stack(epoch(1, 0)))
+    fresh = tiny_dataset(fresh=True, num=2)
+    draws = [b for e in range(20) for _, b in data.train_batches(fresh, 2, 0, e)]
+    assert all(set(np.unique(b)) <= {0, 1} for b in draws)
+    assert len({b.tobytes() for b in draws}) > 1  # a fresh binarization every epoch
+
+
+def test_eval_batches_cover_every_image_once_with_a_padded_last_batch():
+    images = tiny_dataset().valid
+    batches = list(data.eval_batches(images, 4))
+    assert [count for _, count in batches] == [4, 4, 2]
+    assert all(batch.shape == (4, 2, 2, 1) for batch, _ in batches)
+    np.testing.assert_array_equal(np.concatenate([b[:n] for b, n in batches]), images)
+
+
+def write_cifar10(directory, images_per_file=3):
+    """Fake ``cifar-10-batches-py`` files in CIFAR's own pickled format; returns the
+    training images and test images ``(N, 32, 32, 3)`` they encode."""
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows = rng.integers(0, 256, (images_per_file, 3072), dtype=np.uint8)
+        with open(directory / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": [0] * images_per_file}, f, protocol=2)
+        # row layout: the 1024 red values (32 rows of 32), then green, then blue
+        written[name] = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    train = np.concatenate([written[f"data_batch_{i}"] for i in range(1, 6)])
+    return train, written["test_batch"]
+
+
+def test_cifar10_loader_reads_the_python_batch_files(tmp_path):
+    train, test = write_cifar10(tmp_path / "cifar-10-batches-py")
+    ds = data.load_dataset("cifar10", tmp_path)  # the parent folder works too
+    assert (ds.channels, ds.levels) == (3, 256)
+    np.testing.assert_array_equal(np.concatenate([ds.train, ds.valid]), train)
+    assert len(ds.valid) == len(train) // 6
+    np.testing.assert_array_equal(ds.test, test)
+    assert ds.train[0, 0, 1, 2] == train[0, 0, 1, 2]
+
+
+def write_idx(path, images):
+    """``images (N, H, W)`` uint8 as an IDX file (gzipped if ``path`` ends in .gz)."""
+    raw = struct.pack(">HBB3I", 0, 0x08, 3, *images.shape) + images.tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def test_idx_loader_reads_raw_and_gzipped_files(tmp_path):
+    rng = np.random.default_rng(0)
+    train, test = (rng.integers(0, 256, (n, 4, 5), dtype=np.uint8) for n in (12, 3))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", train)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", test)
+    ds = data.load_dataset("idx", tmp_path)
+    assert (ds.channels, ds.levels, ds.valid.shape) == (1, 256, (2, 4, 5, 1))
+    np.testing.assert_array_equal(np.concatenate([ds.train, ds.valid])[..., 0], train)
+    np.testing.assert_array_equal(ds.test[..., 0], test)
+    binary = data.load_dataset("idx-binary", tmp_path)
+    assert binary.levels == 2 and set(np.unique(binary.test)) <= {0, 1}
+
+
+def test_missing_and_corrupt_data_files_raise_a_data_error(tmp_path):
+    with pytest.raises(data.DataError, match="data_batch_1 not found"):
+        data.load_dataset("cifar10", tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03" + bytes(12))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(data.DataError, match="not an IDX image file"):
+        data.load_dataset("idx", tmp_path)
+    (tmp_path / "mnist.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(data.DataError, match="not a valid MNIST"):
+        data.load_dataset("mnist", tmp_path)
+    with pytest.raises(data.DataError, match="unknown dataset"):
+        data.load_dataset("imagenet")
+
+
+def read_png(path):
+    """Decode an 8-bit, unfiltered grey or RGB PNG, checking signature and CRCs."""
+    raw = pathlib.Path(path).read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(raw):
+        length, kind = struct.unpack(">I4s", raw[at:at + 8])
+        payload = raw[at + 8:at + 8 + length]
+        assert struct.unpack(">I", raw[at + 8 + length:at + 12 + length])[0] == zlib.crc32(kind + payload)
+        chunks[kind] = chunks.get(kind, b"") + payload
+        at += 12 + length
+    width, height, depth, color_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8 and b"IEND" in chunks
+    channels = {0: 1, 2: 3}[color_type]
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, -1)
+    assert rows.shape[1] == 1 + width * channels and not rows[:, 0].any()  # filter type 0
+    image = rows[:, 1:].reshape(height, width, channels)
+    return image[..., 0] if channels == 1 else image
+
+
+def test_png_writer_round_trips_grey_and_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7), (6, 4, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        data.save_png(tmp_path / "x.png", image)
+        np.testing.assert_array_equal(read_png(tmp_path / "x.png"), image)
+    with pytest.raises(ValueError):
+        data.save_png(tmp_path / "bad.png", np.zeros((4, 4, 2), np.uint8))
+
+
+def test_image_grid_tiles_and_scales_images():
+    images = np.arange(5 * 2 * 3).reshape(5, 2, 3, 1) % 4  # levels = 4
+    grid = data.image_grid(images, levels=4)  # 5 images -> 2 rows of 3
+    assert grid.shape == (2 * 3 + 1, 3 * 4 + 1) and grid.dtype == np.uint8
+    np.testing.assert_array_equal(grid[1:3, 5:8], images[1, ..., 0] * 85)
+    assert (grid[0] == data.GRID_PAD_VALUE).all() and (grid[4:6, 9:12] == data.GRID_PAD_VALUE).all()
+    rgb = data.image_grid(np.ones((4, 2, 2, 3), int), levels=2, rows=1, pad=0)
+    assert rgb.shape == (2, 8, 3) and (rgb == 255).all()
+
+
+# The training runs below use a tiny PixelCNN on 64 MNIST images: 4 steps an
+# epoch, each run takes seconds (mostly JAX import and compilation).
+TINY = ["--model", "pixelcnn", "--layers", "1", "--hidden", "4", "--out-hidden", "8",
+        "--batch-size", "16", "--train-subset", "64", "--eval-subset", "32",
+        "--eval-batch-size", "16", "--lr", "1e-2", "--epochs", "3", "--num-samples", "0"]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A JAX compilation cache shared by the training subprocesses: the
+    same tiny model compiles once, not once per process."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def start_train(args, cache, devices=1):
+    """Start train.py in a subprocess with ``devices`` CPU devices."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait(process):
+    """``(exit code, stdout, stderr)`` once ``process`` has finished."""
+    stdout, stderr = process.communicate(timeout=600)
+    return process.returncode, stdout, stderr
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_arrays(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {name: f[name] for name in f.files if name != "meta"}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, compile_cache):
+    """Runs of the tiny config: ``full`` (12 steps, with samples), ``half``
+    (stopped at step 6 by --max-steps, then resumed to the end) and
+    ``two_devices``. Returns their folders and ``(exit code, stdout, stderr)``."""
+    root = tmp_path_factory.mktemp("runs")
+    dirs = {name: root / name for name in ("full", "half", "two_devices")}
+    results = {"full": wait(start_train(TINY + ["--out", str(dirs["full"]), "--num-samples", "4"],
+                                        compile_cache))}
+    started = [start_train(TINY + ["--out", str(dirs["half"]), "--max-steps", "6"], compile_cache),
+               start_train(TINY + ["--out", str(dirs["two_devices"])], compile_cache, devices=2)]
+    results.update(zip(["half", "two_devices"], map(wait, started)))
+    results["half_stopped"] = metrics(dirs["half"])
+    results["resumed"] = wait(start_train(["--out", str(dirs["half"]), "--resume", "--epochs", "3",
+                                           "--num-samples", "0"], compile_cache))
+    for name, (code, _, stderr) in results.items():
+        assert name == "half_stopped" or code == 0, f"{name}: {stderr[-2000:]}"
+    return dirs, results
+
+
+def test_training_writes_every_output_and_the_loss_falls(tiny_runs):
+    dirs, results = tiny_runs
+    run = dirs["full"]
+    for name in ("config.json", "checkpoint.npz", "best.npz", "metrics.jsonl", "samples.png"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "config.json").read_text())["config"]["model"] == "pixelcnn"
+    *epochs, test = metrics(run)
+    assert [line["epoch"] for line in epochs] == [1, 2, 3]
+    train_loss, valid = [line["train_loss"] for line in epochs], [line["valid_nll"] for line in epochs]
+    assert train_loss == sorted(train_loss, reverse=True) and valid == sorted(valid, reverse=True)
+    assert test["unit"] == "nats" and 0 < test["test_nll"] < 28 * 28 * np.log(2)
+    assert read_png(run / "samples.png").shape == (2 * 29 + 1, 2 * 29 + 1)  # 4 samples, 2 x 2
+    assert "1 cpu device" in results["full"][1]
+
+
+def test_resume_continues_exactly(tiny_runs):
+    """12 steps in one run == 6 steps, stop, resume, 6 more: same parameters,
+    optimizer state and validation NLL."""
+    dirs, results = tiny_runs
+    assert [line["step"] for line in results["half_stopped"]] == [4, 6, 6]  # stopped: validated, tested
+    full, resumed = (checkpoint_arrays(dirs[name] / "checkpoint.npz") for name in ("full", "half"))
+    assert full.keys() == resumed.keys() and any(name.startswith("opt_state/") for name in full)
+    for name in full:
+        np.testing.assert_array_equal(full[name], resumed[name], err_msg=name)
+    np.testing.assert_allclose(metrics(dirs["half"])[-2]["valid_nll"], metrics(dirs["full"])[-2]["valid_nll"],
+                               rtol=1e-6)  # XLA:CPU may sum in another order
+
+
+def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):
+    dirs, results = tiny_runs
+    assert "2 cpu devices" in results["two_devices"][1]
+    one, two = metrics(dirs["full"]), metrics(dirs["two_devices"])
+    for key in ("train_loss", "valid_nll"):
+        np.testing.assert_allclose([m[key] for m in two[:-1]], [m[key] for m in one[:-1]], rtol=1e-4)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, compile_cache):
+    process = start_train(TINY + ["--out", str(tmp_path), "--epochs", "1000"], compile_cache)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    code, _, stderr = wait(process)
+    assert code == train.EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "interrupted at step" in stderr.splitlines()[-1]
+    step = json.loads(str(np.load(tmp_path / "checkpoint.npz")["meta"]))["progress"]["step"]
+    assert f"interrupted at step {step};" in stderr
+
+
+def one_line_error(capsys, argv, code=train.EXIT_USER_ERROR):
+    """Run ``train.main(argv)`` in this process; assert it exits with ``code``
+    after one line on stderr, and return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*argv, "--host-devices", "1"])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == code, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_user_mistakes_exit_2_with_one_line(tiny_runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs[0]["full"], run)
+    checkpoint = run / "checkpoint.npz"
+    original = checkpoint.read_bytes()
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    write_cifar10(tmp_path / "cifar")
+    cases = {
+        "--model": ["--model", "transformer"],
+        "--dataset": ["--dataset", "imagenet"],
+        "--hidden": ["--hidden", "0"],
+        "--batch-size": ["--batch-size", "-1"],
+        "larger than": TINY + ["--batch-size", "128", "--out", str(tmp_path / "new")],
+        "divisible by channels=3": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--batch-size", "4",
+                                    "--hidden", "16", "--out", str(tmp_path / "new")],
+        "data_batch_1 not found": ["--dataset", "cifar10", "--data-dir", str(tmp_path),
+                                   "--out", str(tmp_path / "new")],
+        "already holds a run": TINY + ["--out", str(run)],
+        "does not match the checkpoint": ["--out", str(run), "--resume", "--model", "rowlstm"],
+        "no checkpoint to resume": ["--out", str(tmp_path / "none"), "--resume"],
+        "cannot write to --out": TINY + ["--out", str(not_a_dir / "run")],
+    }
+    for expected, argv in cases.items():
+        assert expected in one_line_error(capsys, argv), argv
+    assert checkpoint.read_bytes() == original  # nothing overwritten
+
+    arrays = dict(np.load(checkpoint, allow_pickle=False))
+    del arrays[min(name for name in arrays if name.startswith("params/"))]  # any one will do
+    np.savez(checkpoint, **arrays)
+    assert "does not match the model config" in one_line_error(capsys, ["--out", str(run), "--resume"])
+    checkpoint.write_bytes(b"not a zip file")
+    assert "not a readable checkpoint" in one_line_error(capsys, ["--out", str(run), "--resume"])
+    assert checkpoint.read_bytes() == b"not a zip file"
+
+
+def test_batch_not_divisible_by_the_devices_is_one_line_in_a_real_process(tmp_path, compile_cache):
+    code, _, stderr = wait(start_train(TINY + ["--batch-size", "15", "--out", str(tmp_path)],
+                                       compile_cache, devices=2))
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip() == "train.py: error: --batch-size 15 is not divisible by the 2 devices (cpu)"
+    assert not (tmp_path / "checkpoint.npz").exists()
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_checkpoint(tiny_runs, tmp_path, compile_cache):
+    """Parameters poisoned with a NaN make the first resumed step's loss NaN."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs[0]["full"], run)
+    arrays = dict(np.load(run / "checkpoint.npz", allow_pickle=False))
+    first = min(name for name in arrays if name.startswith("params/"))
+    arrays[first] = np.full_like(arrays[first], np.nan)
+    np.savez(run / "checkpoint.npz", **arrays)
+    poisoned = (run / "checkpoint.npz").read_bytes()
+    code, _, stderr = wait(start_train(["--out", str(run), "--resume", "--epochs", "4"], compile_cache))
+    assert code == train.EXIT_DIVERGED and "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
+        f"train.py: error: the training loss is nan at step 13; stopped without saving; "
+        f"the last good checkpoint is {run / 'checkpoint.npz'}")
+    assert (run / "checkpoint.npz").read_bytes() == poisoned

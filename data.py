@@ -1,0 +1,332 @@
+"""Datasets, batches and PNG grids: everything between files on disk and arrays.
+
+    ds = load_dataset("mnist")                        # embedded binarized MNIST
+    for index, images in train_batches(ds, 64, seed=0, epoch=0):
+        ...                                           # images (64, 28, 28, 1) uint8 in [0, levels)
+    save_png("grid.png", image_grid(images, ds.levels))
+
+Images are uint8 arrays ``(N, H, W, C)`` with values in ``[0, levels)``.
+Datasets (``DATASETS``), all loaded from local files, nothing downloaded:
+
+- ``mnist``: binarized MNIST from the embedded ``data/mnist.npz``
+  (50k / 10k / 10k). Each pixel is 1 with probability ``intensity / 255``.
+  Validation and test use one fixed seeded binarization, the same on every
+  machine; training draws a fresh one for every batch of every epoch (or one
+  fixed one: ``binarize="fixed"``, the paper's protocol).
+- ``mnist256``: the same digits as 8-bit levels (a 256-way softmax).
+- ``cifar10``: the python version of CIFAR-10 (``cifar-10-batches-py``).
+- ``idx``, ``idx-binary``: MNIST-format IDX files (MNIST, Fashion-MNIST, ...),
+  8-bit or binarized.
+
+For the datasets read from ``data_dir`` the validation set is the last sixth
+of the official training set (for MNIST's 60,000 images exactly the embedded
+50k / 10k split).
+"""
+
+import contextlib
+import dataclasses
+import gzip
+import os
+import pathlib
+import pickle
+import struct
+import tempfile
+import zipfile
+import zlib
+
+import numpy as np
+
+EMBEDDED_DIR = pathlib.Path(__file__).parent / "data"
+
+# Seeds of the fixed binarizations. Fixed forever: the validation and test
+# NLLs of every run are only comparable if they score the same bits.
+FIXED_BINARIZATION_SEEDS = {"train": 0, "valid": 1, "test": 2}
+
+
+class DataError(Exception):
+    """A dataset is missing or malformed: a user-facing, one-line message."""
+
+
+# ---------------------------------------------------------------------------
+# Loaders: data_dir -> {"train", "valid", "test"} uint8 (N, H, W, C), 0..255
+# ---------------------------------------------------------------------------
+
+
+def load_mnist_npz(data_dir=None):
+    """The embedded MNIST (``data/mnist.npz``, see its README for provenance)."""
+    path = pathlib.Path(data_dir or EMBEDDED_DIR) / "mnist.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            splits = {split: f[f"{split}_images"][..., None] for split in ("train", "valid", "test")}
+    except FileNotFoundError:
+        raise DataError(f"{path} not found") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a valid MNIST .npz file ({e})") from None
+    for split, images in splits.items():
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{path}: {split}_images must be uint8 (N, H, W)")
+    return splits
+
+
+def find_file(directory, names):
+    """The first of ``names`` that exists in ``directory``, else a ``DataError``."""
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(f"{names[0]} not found in {directory}")
+
+
+def hold_out_validation(train_images, test_images):
+    """Split the official training set: its last sixth becomes the validation set."""
+    n_valid = max(1, len(train_images) // 6)
+    return {"train": train_images[:-n_valid], "valid": train_images[-n_valid:],
+            "test": test_images}
+
+
+def read_cifar10_batch(path):
+    """One ``cifar-10-batches-py`` file -> uint8 ``(10000, 32, 32, 3)``.
+
+    CIFAR-10's python version is pickled; this is the one place the project
+    unpickles anything, and only files the user pointed ``data_dir`` at.
+    """
+    try:
+        with open(path, "rb") as f:
+            rows = np.asarray(pickle.load(f, encoding="bytes")[b"data"], dtype=np.uint8)
+        # Each row holds the 1024 red, then green, then blue values of a 32x32 image.
+        return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"{path} is not a CIFAR-10 python batch file ({e!r})") from None
+
+
+def load_cifar10(data_dir):
+    """CIFAR-10 from ``data_dir`` or ``data_dir/cifar-10-batches-py``."""
+    directory = pathlib.Path(data_dir or ".")
+    if not (directory / "data_batch_1").is_file() and (directory / "cifar-10-batches-py").is_dir():
+        directory = directory / "cifar-10-batches-py"
+    train = [read_cifar10_batch(find_file(directory, [f"data_batch_{i}"])) for i in range(1, 6)]
+    test = read_cifar10_batch(find_file(directory, ["test_batch"]))
+    return hold_out_validation(np.concatenate(train), test)
+
+
+def read_idx_images(path):
+    """An IDX image file (``.gz`` or raw) -> uint8 ``(N, H, W, 1)``.
+
+    The format (yann.lecun.com/exdb/mnist): bytes 0, 0, a type code (0x08 =
+    uint8) and the number of dimensions (3), then each dimension as a
+    big-endian uint32, then the values in C order.
+    """
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype != 0x08 or ndim != 3:
+            raise ValueError("not a uint8 3-D IDX file")
+        shape = struct.unpack(">3I", raw[4:16])
+        return np.frombuffer(raw, np.uint8, offset=16).reshape(*shape, 1)
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as e:
+        raise DataError(f"{path} is not an IDX image file ({e})") from None
+
+
+def load_idx(data_dir):
+    """``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte`` (each raw or ``.gz``)."""
+    directory = pathlib.Path(data_dir or ".")
+    train, test = (read_idx_images(find_file(directory, [f"{name}-images-idx3-ubyte.gz",
+                                                         f"{name}-images-idx3-ubyte"]))
+                   for name in ("train", "t10k"))
+    return hold_out_validation(train, test)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to get a dataset: its shape parameters and a loader ``data_dir -> splits``.
+
+    ``levels == 2`` means binarized from 8-bit intensities; 256 means the
+    8-bit values themselves.
+    """
+    channels: int
+    levels: int
+    load: callable
+
+
+DATASETS = {
+    "mnist": DatasetSpec(1, 2, load_mnist_npz),
+    "mnist256": DatasetSpec(1, 256, load_mnist_npz),
+    "cifar10": DatasetSpec(3, 256, load_cifar10),
+    "idx": DatasetSpec(1, 256, load_idx),
+    "idx-binary": DatasetSpec(1, 2, load_idx),
+}
+
+
+# ---------------------------------------------------------------------------
+# Binarization and batches
+# ---------------------------------------------------------------------------
+
+
+def binarize(intensities, seed):
+    """Bernoulli(intensity / 255) pixels: uint8 ``(...)`` 0..255 -> uint8 0/1.
+
+    ``u`` uniform on ``{0, ..., 254}`` is below ``k`` with probability exactly
+    ``k / 255``, so integers suffice: no float rounding, one byte per pixel.
+    ``np.random.PCG64`` produces the same stream on every platform.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return (rng.integers(0, 255, intensities.shape, dtype=np.uint8) < intensities).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A loaded dataset. ``valid`` and ``test`` hold final values in ``[0, levels)``;
+    ``train`` holds 8-bit intensities when ``fresh_binarization`` (binarized
+    batch by batch in :func:`train_batches`), else final values too."""
+    name: str
+    channels: int
+    levels: int
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    fresh_binarization: bool
+
+    @property
+    def shape(self):
+        """``(H, W, C)`` of one image."""
+        return self.train.shape[1:]
+
+
+def load_dataset(name, data_dir=None, binarize_train="fresh"):
+    """Load dataset ``name`` from ``data_dir`` (the embedded data by default).
+
+    ``binarize_train`` (binary datasets only): ``"fresh"`` draws a new
+    binarization of every training batch, ``"fixed"`` binarizes the training
+    set once. Raises ``DataError`` for unknown names and unreadable files.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    splits = spec.load(data_dir)
+    if splits["train"].shape[-1] != spec.channels:
+        raise DataError(f"{name}: images have {splits['train'].shape[-1]} channels, "
+                        f"expected {spec.channels}")
+    fresh = spec.levels == 2 and binarize_train == "fresh"
+    if spec.levels == 2:
+        for split in ("valid", "test") if fresh else ("train", "valid", "test"):
+            splits[split] = binarize(splits[split], FIXED_BINARIZATION_SEEDS[split])
+    return Dataset(name, spec.channels, spec.levels, fresh_binarization=fresh, **splits)
+
+
+def epoch_order(num_images, seed, epoch):
+    """The shuffled order of the training images in ``epoch``: a permutation
+    that depends only on ``(seed, epoch)``, so a resumed run sees the same one."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_images)
+
+
+def steps_per_epoch(dataset, batch_size):
+    """Full batches per epoch (the incomplete last batch is dropped)."""
+    return len(dataset.train) // batch_size
+
+
+def train_batches(dataset, batch_size, seed, epoch, start=0):
+    """Yield ``(index, images (batch_size, H, W, C) uint8)`` for batches
+    ``start, start + 1, ...`` of ``epoch``.
+
+    Deterministic given ``(seed, epoch, index)``, so ``(epoch, start)`` is all
+    a checkpoint needs to continue exactly where it stopped.
+    """
+    order = epoch_order(len(dataset.train), seed, epoch)
+    for index in range(start, steps_per_epoch(dataset, batch_size)):
+        images = dataset.train[order[index * batch_size:(index + 1) * batch_size]]
+        if dataset.fresh_binarization:
+            images = binarize(images, [seed, epoch, index])
+        yield index, images
+
+
+def eval_batches(images, batch_size):
+    """Yield ``(batch (batch_size, H, W, C), count)`` covering ``images`` in order.
+
+    The last batch is padded with copies of the first image so that every
+    batch has the same shape (one compilation); only its first ``count``
+    entries are real.
+    """
+    for begin in range(0, len(images), batch_size):
+        batch = images[begin:begin + batch_size]
+        count = len(batch)
+        padding = np.repeat(images[:1], batch_size - count, axis=0)
+        yield np.concatenate([batch, padding]), count
+
+
+# ---------------------------------------------------------------------------
+# Files: atomic writes and PNG grids
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Open ``path`` for binary writing so that it is replaced all at once.
+
+    Writes go to a temporary file in the same directory, which is flushed to
+    disk and renamed over ``path`` only if the block succeeds: a crash or
+    Ctrl-C leaves either the old file or the new one, never half of one.
+    """
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)  # mkstemp makes the file private; give it the usual permissions
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def png_bytes(image):
+    """An 8-bit PNG of ``image``: uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"PNG image must be uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    color_type = 0 if image.ndim == 2 else 2  # 0 = greyscale, 2 = RGB
+
+    def chunk(kind, payload):
+        # length, type, payload, CRC-32 of type + payload (PNG spec section 5.3)
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    # Every scanline starts with its filter type; 0 means unfiltered.
+    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, -1)], axis=1)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 9)) + chunk(b"IEND", b""))
+
+
+def save_png(path, image):
+    """Write ``image`` (uint8 ``(H, W)`` or ``(H, W, 3)``) to ``path`` as a PNG, atomically."""
+    data = png_bytes(image)
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+GRID_PAD_VALUE = 128  # mid grey: visible between white-on-black digits and photos alike
+
+
+def image_grid(images, levels, rows=None, pad=1):
+    """Tile ``images (N, H, W, C)`` in ``[0, levels)`` into one uint8 picture.
+
+    Values are scaled to 0..255. ``rows`` defaults to a near-square layout.
+    Returns ``(rows*(H+pad)+pad, cols*(W+pad)+pad)`` for grey images, with a
+    trailing axis of 3 for RGB.
+    """
+    images = np.asarray(images)
+    num, height, width, channels = images.shape
+    cols = int(np.ceil(np.sqrt(num))) if rows is None else -(-num // rows)
+    rows = -(-num // cols)
+    grid = np.full((rows * (height + pad) + pad, cols * (width + pad) + pad, channels),
+                   GRID_PAD_VALUE, np.uint8)
+    scaled = (images.astype(np.int64) * 255 // (levels - 1)).astype(np.uint8)
+    for i, image in enumerate(scaled):
+        top, left = pad + (i // cols) * (height + pad), pad + (i % cols) * (width + pad)
+        grid[top:top + height, left:left + width] = image
+    return grid[..., 0] if channels == 1 else grid
