@@ -92,9 +92,9 @@ class OneLineParser(argparse.ArgumentParser):
         fail(message)
 
 
-def fail(message, code=EXIT_USER_ERROR):
+def fail(message, code=EXIT_USER_ERROR, label="error: "):
     """Print ``message`` as a single line on stderr and exit with ``code``."""
-    print(f"train.py: error: {' '.join(str(message).split())}", file=sys.stderr)
+    print(f"train.py: {label}{' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -105,6 +105,8 @@ def number(kind, minimum, strict=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {minimum}")
         return value
@@ -114,33 +116,37 @@ def number(kind, minimum, strict=False):
 def parse_args(argv=None):
     """The command line -> ``argparse.Namespace``. Run settings left out are None."""
     p = OneLineParser(description="Train a PixelRNN model (Row LSTM, Diagonal BiLSTM, PixelCNN).")
-    p.add_argument("--model", choices=pixelrnn.MODELS, help=f"default {MODEL}")
-    p.add_argument("--dataset", choices=data.DATASETS, help=f"default {DATASET}")
-    p.add_argument("--data-dir", help="folder with the dataset's files (default: the embedded data/)")
-    p.add_argument("--layers", type=number(int, 1), help=f"hidden layers (default {LAYERS})")
-    p.add_argument("--hidden", type=number(int, 1), help=f"hidden size h (default {HIDDEN})")
-    p.add_argument("--out-hidden", type=number(int, 1), help=f"output head width (default {OUT_HIDDEN})")
-    p.add_argument("--skip", action=argparse.BooleanOptionalAction, help="skip connections (default on)")
-    p.add_argument("--residual", action=argparse.BooleanOptionalAction, help="residual connections (default on)")
-    p.add_argument("--batch-size", type=number(int, 1), help=f"global batch (default {BATCH_SIZE})")
-    p.add_argument("--optimizer", choices=("adam", "rmsprop"), help=f"default {OPTIMIZER}")
-    p.add_argument("--lr", type=number(float, 0, strict=True), help=f"learning rate (default {LR})")
-    p.add_argument("--clip", type=number(float, 0), help=f"gradient-norm clip, 0 for none (default {CLIP})")
-    p.add_argument("--seed", type=number(int, 0), help=f"default {SEED}")
-    p.add_argument("--binarize", choices=("fresh", "fixed"), help=f"binary data only (default {BINARIZE})")
-    p.add_argument("--train-subset", type=number(int, 0), help="train on the first N images only (0: all)")
-    p.add_argument("--eval-subset", type=number(int, 0), help="validate and test on the first N images only")
-    p.add_argument("--epochs", type=number(int, 1), default=EPOCHS)
-    p.add_argument("--max-steps", type=number(int, 0), default=0, help="stop after N steps in all (0: no limit)")
-    p.add_argument("--eval-batch-size", type=number(int, 1), default=EVAL_BATCH_SIZE)
-    p.add_argument("--num-samples", type=number(int, 0), default=NUM_SAMPLES, help="0: no samples.png")
-    p.add_argument("--save-every", type=number(int, 0), default=SAVE_EVERY)
-    p.add_argument("--out", help="run folder (default runs/<model>-<dataset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--host-devices", type=number(int, 1), default=HOST_DEVICES,
-                   help="CPU only: split the batch over this many XLA devices "
-                        "(ignored when XLA_FLAGS sets xla_force_host_platform_device_count)")
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    add = p.add_argument
+    add("--model", choices=pixelrnn.MODELS, help=f"default {MODEL}")
+    add("--dataset", choices=data.DATASETS, help=f"default {DATASET}")
+    add("--data-dir", help="folder with the dataset's files (default: the embedded data/)")
+    add("--layers", type=number(int, 1), help="hidden layers (default 7 for the LSTMs, 15 for pixelcnn)")
+    add("--hidden", type=number(int, 1), help=f"hidden size h (default {HIDDEN})")
+    add("--out-hidden", type=number(int, 1), help=f"output head width (default {OUT_HIDDEN})")
+    add("--skip", action=argparse.BooleanOptionalAction, help="skip connections (default on)")
+    add("--residual", action=argparse.BooleanOptionalAction, help="residual connections (default on)")
+    add("--batch-size", type=number(int, 1), help=f"global batch (default {BATCH_SIZE})")
+    add("--optimizer", choices=("adam", "rmsprop"), help=f"default {OPTIMIZER}")
+    add("--lr", type=number(float, 0, strict=True), help=f"learning rate (default {LR})")
+    add("--clip", type=number(float, 0), help=f"gradient-norm clip, 0 for none (default {CLIP})")
+    add("--seed", type=number(int, 0), help=f"default {SEED}")
+    add("--binarize", choices=("fresh", "fixed"), help=f"binary data only (default {BINARIZE})")
+    add("--train-subset", type=number(int, 0), help="train on the first N images only (0: all)")
+    add("--eval-subset", type=number(int, 0), help="validate and test on the first N images only")
+    add("--epochs", type=number(int, 1), default=EPOCHS, help=f"default {EPOCHS}")
+    add("--max-steps", type=number(int, 0), default=0, help="stop after N steps in all (0: no limit)")
+    add("--eval-batch-size", type=number(int, 1), default=EVAL_BATCH_SIZE,
+        help=f"default {EVAL_BATCH_SIZE}")
+    add("--num-samples", type=number(int, 0), default=NUM_SAMPLES,
+        help=f"images in samples.png, 0 for none (default {NUM_SAMPLES})")
+    add("--save-every", type=number(int, 0), default=SAVE_EVERY,
+        help=f"steps between checkpoints inside an epoch, 0: epoch ends only (default {SAVE_EVERY})")
+    add("--out", help="run folder (default runs/<model>-<dataset>)")
+    add("--resume", action="store_true", help="continue the run in --out")
+    add("--host-devices", type=number(int, 1), default=HOST_DEVICES,
+        help=f"CPU only: split the batch over this many XLA devices (default {HOST_DEVICES}; "
+             "XLA_FLAGS=--xla_force_host_platform_device_count=N takes precedence)")
+    add("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     return p.parse_args(argv)
 
 
@@ -151,7 +157,8 @@ def set_up_devices(args):
     """
     if args.distributed:
         jax.distributed.initialize()  # finds its peers through SLURM, Open MPI, TPU metadata, ...
-    if args.host_devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    user_set = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if args.host_devices > 1 and not user_set:
         # Only the CPU backend is split; GPUs and TPUs are used as they are.
         jax.config.update("jax_num_cpu_devices", args.host_devices)
 
@@ -166,11 +173,13 @@ def resolve_settings(args, saved):
     given = {name: getattr(args, name) for name in MODEL_SETTINGS + TRAIN_SETTINGS
              if getattr(args, name) is not None}
     if saved is None:
-        model = given.get("model", MODEL)
         channels = data.DATASETS[given.get("dataset", DATASET)].channels
-        round_up = lambda n: -(-n // channels) * channels  # noqa: E731  (features split into colour groups)
-        defaults = dict(DEFAULTS, layers=LAYERS[model], hidden=round_up(HIDDEN),
-                        out_hidden=round_up(OUT_HIDDEN))
+
+        def round_up(n):  # RGB features are split into three colour groups
+            return -(-n // channels) * channels
+
+        defaults = dict(DEFAULTS, layers=LAYERS[given.get("model", MODEL)],
+                        hidden=round_up(HIDDEN), out_hidden=round_up(OUT_HIDDEN))
         return dict(defaults, **given)
     for name, value in given.items():
         if value != saved[name]:
@@ -182,10 +191,9 @@ def resolve_settings(args, saved):
 def load_data(settings, data_dir):
     """The dataset, cut to ``train_subset`` / ``eval_subset`` images when those are set."""
     ds = data.load_dataset(settings["dataset"], data_dir, settings["binarize"])
-    cut = lambda images, n: images[:n] if n else images  # noqa: E731
-    ds = dataclasses.replace(ds, train=cut(ds.train, settings["train_subset"]),
-                             valid=cut(ds.valid, settings["eval_subset"]),
-                             test=cut(ds.test, settings["eval_subset"]))
+    n_train, n_eval = settings["train_subset"] or None, settings["eval_subset"] or None  # None: all
+    ds = dataclasses.replace(ds, train=ds.train[:n_train], valid=ds.valid[:n_eval],
+                             test=ds.test[:n_eval])
     if data.steps_per_epoch(ds, settings["batch_size"]) == 0:
         raise UserError(f"--batch-size {settings['batch_size']} is larger than the "
                         f"{len(ds.train)} training images")
@@ -426,7 +434,8 @@ def start_run(args):
     out = pathlib.Path(args.out or f"runs/{args.model or MODEL}-{args.dataset or DATASET}")
     checkpoint = out / "checkpoint.npz"
     if not args.resume and checkpoint.exists():
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise UserError(f"{out} already holds a run; pass --resume to continue it "
+                        f"or choose another --out")
     saved, saved_cfg, progress, arrays = (read_checkpoint(checkpoint) if args.resume
                                           else (None, None, Progress(), None))
     settings = resolve_settings(args, saved)
@@ -473,12 +482,16 @@ def train_epoch(run, train_step, stop, max_steps, clock):
             run.state, loss = train_step(run.state, put_batch(images, run.mesh))
             loss = float(loss)
             if not math.isfinite(loss):
-                raise Diverged(f"the training loss is {loss} at step {p.step + 1}")
+                kept = run.out / "checkpoint.npz"
+                raise Diverged(f"the training loss is {loss} at step {p.step + 1}; stopped without "
+                               f"saving; the last good checkpoint is "
+                               f"{kept if kept.exists() else 'none (none was saved yet)'}")
             now = time.perf_counter()
             if last is not None:
                 clock.images, clock.seconds = clock.images + batch_size, clock.seconds + now - last
             last, clock.warm = now, True
-            p.step, p.index, p.loss_sum, p.loss_count = p.step + 1, index + 1, p.loss_sum + loss, p.loss_count + 1
+            p.step, p.index = p.step + 1, index + 1
+            p.loss_sum, p.loss_count = p.loss_sum + loss, p.loss_count + 1
             bar.update(batch_size)
             bar.set_postfix_str(f"loss {loss * factor:.4g} {unit}")
             if stop.requested or p.step >= max_steps:
@@ -543,12 +556,7 @@ def train(args):
         clock = argparse.Namespace(images=0, seconds=0.0, warm=False)
         p = run.progress
         while p.epoch < args.epochs and p.step < max_steps and not stop.requested:
-            try:
-                train_epoch(run, train_step, stop, max_steps, clock)
-            except Diverged as e:
-                kept = run.out / "checkpoint.npz"
-                fail(f"{e}; stopped without saving; the last good checkpoint is "
-                     f"{kept if kept.exists() else 'none (none was saved yet)'}", EXIT_DIVERGED)
+            train_epoch(run, train_step, stop, max_steps, clock)
             if stop.requested:
                 break
             if p.index == steps:
@@ -557,20 +565,23 @@ def train(args):
         if stop.requested:
             run.save()
             fail(f"interrupted at step {p.step}; saved {run.out / 'checkpoint.npz'}; "
-                 f"continue with --resume", EXIT_INTERRUPTED)
+                 f"continue with --resume", EXIT_INTERRUPTED, label="")
         finish(run, evaluate)
     return 0
 
 
 def main(argv=None):
-    """The command line entry point: user mistakes become one line on stderr and exit code 2."""
+    """The command line entry point: user mistakes become one line on stderr and exit code 2;
+    a diverged run exits with 1, an interrupted one with 130."""
     args = parse_args(argv)
     try:
         return train(args)
     except (UserError, data.DataError) as e:
         fail(e)
+    except Diverged as e:
+        fail(e, EXIT_DIVERGED)
     except KeyboardInterrupt:
-        fail("interrupted again: stopped without saving", EXIT_INTERRUPTED)
+        fail("interrupted again: stopped without saving", EXIT_INTERRUPTED, label="")
 
 
 if __name__ == "__main__":
