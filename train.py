@@ -23,6 +23,7 @@ devices), parameters are replicated; ``--distributed`` joins a multi-host job.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -272,7 +273,7 @@ def make_train_step(cfg, optimizer, mesh):
 
 def make_evaluate(cfg, mesh, batch_size):
     """``evaluate(params, images) -> mean NLL`` in nats per image over all ``images``."""
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
     def nll_sum(params, images, count):
         nll = -pixelrnn.log_prob(params, cfg, images)
         return jnp.sum(jnp.where(jnp.arange(len(nll)) < count, nll, 0.0))  # drop the padding
@@ -526,19 +527,21 @@ def finish(run, evaluate):
     """Test NLL and samples.png, both from the best parameters."""
     unit, factor = nll_unit(run.cfg)
     arrays = read_checkpoint(run.out / "best.npz")[-1]
-    params = unflatten(arrays, run.tree(), run.out / "best.npz")["params"]
+    params = jax.device_put(unflatten(arrays, run.tree(), run.out / "best.npz")["params"],
+                            NamedSharding(run.mesh, PartitionSpec()))
     test = evaluate(params, run.ds.test) * factor
     print(f"test NLL {test:.4f} {unit} (best validation at step {run.progress.best_step})")
     if run.is_main:
         write_metrics(run.out, run.progress.metrics + [
             {"step": run.progress.step, "best_step": run.progress.best_step, "unit": unit,
              "test_nll": test}])
-    if run.args.num_samples and run.is_main:
+    if run.args.num_samples:  # every process samples (the parameters live on all of them)
         start = time.perf_counter()
         sample = jax.jit(pixelrnn.sample, static_argnums=(1, 3))
         images = np.asarray(sample(params, run.cfg, run.rng, run.args.num_samples))
-        data.save_png(run.out / "samples.png", data.image_grid(images, run.cfg.levels))
-        print(f"wrote {run.out / 'samples.png'} ({time.perf_counter() - start:.1f} s)")
+        if run.is_main:
+            data.save_png(run.out / "samples.png", data.image_grid(images, run.cfg.levels))
+            print(f"wrote {run.out / 'samples.png'} ({time.perf_counter() - start:.1f} s)")
 
 
 def train(args):
