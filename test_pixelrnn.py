@@ -693,3 +693,157 @@ def test_a_nan_loss_stops_training_and_keeps_the_checkpoint(tiny_runs, tmp_path,
         f"train.py: error: the training loss is nan at step 13; stopped without saving; "
         f"the last good checkpoint is {run / 'checkpoint.npz'}")
     assert (run / "checkpoint.npz").read_bytes() == poisoned
+
+
+# ---- fast sampling and sample.py (issue 4) ----
+
+import sample  # noqa: E402  (the sampling script, imported for its grid layout)
+
+
+def fast_case(model, channels, levels, **overrides):
+    """A non-square 4x5 image, 2 layers, and its parameters."""
+    cfg = small_config(model, height=4, width=5, channels=channels, levels=levels, **overrides)
+    return cfg, pixelrnn.init(jax.random.PRNGKey(11), cfg)
+
+
+FAST_CASES = pytest.mark.parametrize("channels,levels", [(1, 2), (3, 4)], ids=["binary", "rgb"])
+
+
+@pytest.mark.parametrize("model", pixelrnn.MODELS)
+@FAST_CASES
+def test_fast_sampler_draws_the_reference_samplers_images(model, channels, levels):
+    """Same key, same images: the same logits at every step and the same draws."""
+    cfg, params = fast_case(model, channels, levels)
+    key = jax.random.PRNGKey(12)
+    fast = np.asarray(pixelrnn.sample(params, cfg, key, 6))
+    np.testing.assert_array_equal(fast, pixelrnn.sample_reference(params, cfg, key, 6))
+    assert len(np.unique(fast)) == levels                      # not a degenerate draw
+
+
+@pytest.mark.parametrize("model,channels,levels,overrides", [
+    *[(model, 1, 2, {}) for model in pixelrnn.MODELS],
+    *[(model, 3, 4, {}) for model in pixelrnn.MODELS],
+    ("pixelcnn", 1, 2, dict(skip=False, residual=False))])   # the connections are model-independent
+def test_fast_sampler_logits_are_the_networks_teacher_forced(model, channels, levels, overrides):
+    """Fed a given image, the fast sampler's logits at every sub-pixel are :func:`logits`'s."""
+    cfg, params = fast_case(model, channels, levels, **overrides)
+    images = jax.random.randint(jax.random.PRNGKey(13), (6, cfg.height, cfg.width, channels), 0, levels)
+    full = jax.jit(pixelrnn.logits, static_argnums=1)(params, cfg, images)
+    np.testing.assert_allclose(pixelrnn.fast_logits(params, cfg, images), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model", pixelrnn.MODELS)
+def test_complete_keeps_the_known_pixels_and_matches_the_reference(model):
+    """RGB, 7 known pixels (mid-row): kept bit for bit, the rest as the reference draws them."""
+    cfg, params = fast_case(model, 3, 4)
+    images = jax.random.randint(jax.random.PRNGKey(14), (6, cfg.height, cfg.width, 3), 0, 4)
+    key, known = jax.random.PRNGKey(15), 7
+    completed = np.asarray(pixelrnn.complete(params, cfg, key, images, known))
+    pixels = lambda x: np.asarray(x).reshape(len(x), -1, 3)    # noqa: E731  raster order
+    np.testing.assert_array_equal(pixels(completed)[:, :known], pixels(images)[:, :known])
+    assert (pixels(completed)[:, known:] != pixels(images)[:, known:]).any()
+    np.testing.assert_array_equal(completed, pixelrnn.complete_reference(params, cfg, key, images, known))
+
+
+def count_equations(jaxpr):
+    """Equations of ``jaxpr``, counting those inside loops and nested jits."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += count_equations(inner)
+    return total
+
+
+@pytest.mark.parametrize("model", pixelrnn.MODELS)
+def test_fast_sampler_is_scanned_not_unrolled_over_pixels(model):
+    """The traced sampler has the same size for 4x5 and 12x13 images."""
+    def equations(height):
+        cfg = small_config(model, height=height, width=height + 1)
+        params = jax.eval_shape(lambda key: pixelrnn.init(key, cfg), jax.random.PRNGKey(0))
+        jaxpr = jax.make_jaxpr(pixelrnn.sample, static_argnums=(1, 3))(params, cfg, jax.random.PRNGKey(0), 2)
+        return count_equations(jaxpr.jaxpr)
+
+    assert equations(4) == equations(12)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_figure_1_rows_are_occluded_completions_original(channels):
+    """8-bit grey and RGB: per row the upper half with the lower half grey, the completions, the original."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 4, 6, channels))
+    completions = rng.integers(0, 256, (2, 3, 4, 6, channels))
+    grid = sample.figure_1(images, completions, 256)
+    assert grid.shape == (2 * 5 + 1, 5 * 7 + 1) + ((3,) if channels == 3 else ())
+    grid = grid.reshape(grid.shape[0], grid.shape[1], channels)
+
+    def tile(row, col):
+        return grid[1 + 5 * row:5 + 5 * row, 1 + 7 * col:7 + 7 * col]
+
+    for row in range(2):
+        np.testing.assert_array_equal(tile(row, 0)[:2], images[row, :2])
+        assert (tile(row, 0)[2:] == data.GRID_PAD_VALUE).all()
+        for k in range(3):
+            np.testing.assert_array_equal(tile(row, 1 + k), completions[row, k])
+        np.testing.assert_array_equal(tile(row, 4), images[row])
+
+
+@pytest.fixture(scope="module")
+def sampling_dir(tmp_path_factory, compile_cache):
+    """A folder holding ``runs/tiny/``: the tiny config of the training tests, one step."""
+    root = tmp_path_factory.mktemp("sampling")
+    code, _, stderr = wait(start_train(TINY + ["--max-steps", "1", "--out", str(root / "runs" / "tiny")],
+                                       compile_cache))
+    assert code == 0, stderr[-2000:]
+    return root
+
+
+def run_sample(args, cwd):
+    """Run sample.py in ``cwd``: ``(exit code, stdout, stderr)``."""
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_sample_py_writes_a_grid_from_the_newest_run(sampling_dir):
+    code, stdout, stderr = run_sample(["--num", "4", "--out", "grid.png"], sampling_dir)
+    assert code == 0, stderr
+    grid = read_png(sampling_dir / "grid.png")
+    assert grid.shape == (2 * 29 + 1, 2 * 29 + 1) and set(np.unique(grid)) == {0, data.GRID_PAD_VALUE, 255}
+    assert f"{pathlib.Path('runs', 'tiny', 'best.npz')}" in stdout and "compiling took" in stdout
+
+
+def test_sample_py_complete_draws_figure_1_from_test_images(sampling_dir):
+    code, _, stderr = run_sample(["--checkpoint", "runs/tiny/checkpoint.npz", "--complete",
+                                  "--images", "2", "--completions", "3", "--out", "fig1.png"],
+                                 sampling_dir)
+    assert code == 0, stderr
+    grid = read_png(sampling_dir / "fig1.png")
+    assert grid.shape == (2 * 29 + 1, 5 * 29 + 1)
+    originals = data.load_dataset("mnist").test[:2, ..., 0] * 255
+    for row, original in enumerate(originals):
+        tiles = [grid[1 + 29 * row:29 + 29 * row, 1 + 29 * col:29 + 29 * col] for col in range(5)]
+        for completed in tiles[1:4]:                           # the upper half is given
+            np.testing.assert_array_equal(completed[:14], original[:14])
+        np.testing.assert_array_equal(tiles[4], original)
+
+
+def sample_py_error(args, cwd):
+    """The one line sample.py prints on stderr when it exits with code 2."""
+    code, _, stderr = run_sample(args, cwd)
+    assert code == 2 and "Traceback" not in stderr, stderr
+    [line] = stderr.strip().splitlines()
+    return line
+
+
+def test_sample_py_without_a_run_says_how_to_train_one(tmp_path):
+    line = sample_py_error([], tmp_path)
+    assert line.startswith("sample.py: error: no trained run") and "python train.py --model rowlstm" in line
+
+
+def test_sample_py_rejects_a_corrupt_checkpoint_in_one_line(tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"not a zip file")
+    assert "bad.npz is not a readable checkpoint" in sample_py_error(["--checkpoint", "bad.npz"], tmp_path)

@@ -1,0 +1,181 @@
+"""Draw samples, or complete occluded test images, with a trained model: a PNG grid.
+
+    python sample.py                                   # 64 samples from the newest run under runs/
+    python sample.py --num 16 --seed 1 --out grid.png
+    python sample.py --checkpoint runs/pixelcnn-mnist/checkpoint.npz
+    python sample.py --complete                        # the paper's Figure 1
+
+``--complete`` lays out the paper's Figure 1: one test image per row, its
+lower half occluded (grey), then several completions sampled given the upper
+half, then the original. Sampling uses the fast sampler
+(``pixelrnn.sample`` / ``pixelrnn.complete``); the time it takes is printed
+with the compile time apart.
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+import data
+import pixelrnn
+import train
+
+# ---- defaults: edit them here or override them on the command line ----
+RUNS = pathlib.Path("runs")  # where train.py writes its runs
+NUM = 64                     # samples in the grid (8 x 8)
+SEED = 0
+IMAGES = 8                   # --complete: test images, one per row
+COMPLETIONS = 5              # --complete: completions of each
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Something the user can fix: printed as one line, exit code 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=pathlib.Path,
+                   help=f"a checkpoint .npz written by train.py (default: the newest run under {RUNS}/)")
+    p.add_argument("--num", type=int, default=NUM, help=f"samples (default {NUM})")
+    p.add_argument("--seed", type=int, default=SEED, help=f"default {SEED}")
+    p.add_argument("--out", type=pathlib.Path, help="PNG to write (default: next to the checkpoint)")
+    p.add_argument("--complete", action="store_true", help="complete occluded test images instead")
+    p.add_argument("--images", type=int, default=IMAGES, help=f"--complete: test images (default {IMAGES})")
+    p.add_argument("--completions", type=int, default=COMPLETIONS,
+                   help=f"--complete: completions per image (default {COMPLETIONS})")
+    p.add_argument("--data-dir", help="--complete: the dataset's folder, as given to train.py")
+    args = p.parse_args(argv)
+    for name in ("num", "images", "completions"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def newest_checkpoint(runs=RUNS):
+    """The checkpoint of the most recently written run under ``runs``.
+
+    A run's ``best.npz`` (best validation NLL) is preferred to its latest
+    ``checkpoint.npz``.
+    """
+    runs = [d for d in runs.glob("*") if (d / "best.npz").exists() or (d / "checkpoint.npz").exists()]
+    if not runs:
+        raise UserError(f"no trained run under {RUNS}/: train one first, e.g. "
+                        f"`python train.py --model rowlstm`, or pass --checkpoint PATH")
+    newest = max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.npz")))
+    return newest / "best.npz" if (newest / "best.npz").exists() else newest / "checkpoint.npz"
+
+
+def load(path):
+    """``path`` -> ``(cfg, params, settings)``, read with train.py's checkpoint reader."""
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    settings, cfg, _, arrays = train.read_checkpoint(path)
+    # Only the shapes are needed: eval_shape does not run init's random ops.
+    template = {"params": jax.eval_shape(lambda key: pixelrnn.init(key, cfg), jax.random.PRNGKey(0))}
+    return cfg, train.unflatten(arrays, template, path)["params"], settings
+
+
+# ---------------------------------------------------------------------------
+# Sampling, timed
+# ---------------------------------------------------------------------------
+
+
+def timed(function, *args):
+    """Compile ``jax.jit(function)`` for ``args``, then run it: ``(result, compile_s, run_s)``."""
+    start = time.perf_counter()
+    compiled = jax.jit(function).lower(*args).compile()
+    compiled_at = time.perf_counter()
+    result = np.asarray(compiled(*args))
+    return result, compiled_at - start, time.perf_counter() - compiled_at
+
+
+def draw_samples(params, cfg, key, num):
+    """``num`` samples ``(num, H, W, C)`` and the timings."""
+    return timed(lambda params, key: pixelrnn.sample(params, cfg, key, num), params, key)
+
+
+def draw_completions(params, cfg, key, images, completions):
+    """``completions`` completions of each of ``images (N, H, W, C)`` given its upper
+    half: ``(N, completions, H, W, C)``, and the timings."""
+    known = (cfg.height // 2) * cfg.width
+    batch = np.repeat(images, completions, axis=0)
+    result, compile_s, run_s = timed(
+        lambda params, key, batch: pixelrnn.complete(params, cfg, key, batch, known), params, key, batch)
+    return result.reshape(len(images), completions, *images.shape[1:]), compile_s, run_s
+
+
+# ---------------------------------------------------------------------------
+# Grids
+# ---------------------------------------------------------------------------
+
+
+def figure_1(images, completions, levels):
+    """The paper's Figure 1 as a uint8 grid: per row an occluded image, its completions, the original.
+
+    ``images (N, H, W, C)``, ``completions (N, K, H, W, C)``, values in
+    ``[0, levels)``. The occluded half is shown in the grid's padding grey.
+    """
+    height = images.shape[1]
+    as_bytes = lambda x: data.image_grid(x, levels, rows=1, pad=0)  # noqa: E731  one image, 0..255
+    tiles = []
+    for image, completed in zip(images, completions):
+        occluded = as_bytes(image[None]).copy()
+        occluded[height // 2:] = data.GRID_PAD_VALUE
+        tiles += [occluded] + [as_bytes(c[None]) for c in completed] + [as_bytes(image[None])]
+    tiles = np.stack(tiles)
+    if tiles.ndim == 3:
+        tiles = tiles[..., None]                              # grey: back to (N, H, W, 1)
+    return data.image_grid(tiles, 256, rows=len(images))
+
+
+def test_images(settings, data_dir, cfg, count):
+    """The first ``count`` test images of the run's dataset."""
+    ds = data.load_dataset(settings["dataset"], data_dir)
+    if ds.test.shape[1:] != (cfg.height, cfg.width, cfg.channels):
+        raise UserError(f"the {settings['dataset']} test images are {ds.test.shape[1:]}, "
+                        f"the model's {(cfg.height, cfg.width, cfg.channels)}")
+    return ds.test[:count].astype(np.int32)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    path = args.checkpoint or newest_checkpoint()
+    cfg, params, settings = load(path)
+    key = jax.random.PRNGKey(args.seed)
+    kind = "completions" if args.complete else "samples"
+    out = args.out or path.parent / f"{kind}_seed{args.seed}.png"
+    if args.complete:
+        images = test_images(settings, args.data_dir, cfg, args.images)
+        completed, compile_s, run_s = draw_completions(params, cfg, key, images, args.completions)
+        grid = figure_1(images, completed, cfg.levels)
+        count = len(images) * args.completions
+    else:
+        samples, compile_s, run_s = draw_samples(params, cfg, key, args.num)
+        grid = data.image_grid(samples, cfg.levels)
+        count = len(samples)
+    try:
+        data.save_png(out, grid)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    print(f"wrote {out}: {count} {kind} from {path} in {run_s:.2f} s "
+          f"(compiling took {compile_s:.1f} s more)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (UserError, train.UserError, data.DataError) as e:
+        print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
