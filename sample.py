@@ -68,12 +68,15 @@ def newest_checkpoint(runs=RUNS):
     A run's ``best.npz`` (best validation NLL) is preferred to its latest
     ``checkpoint.npz``.
     """
-    runs = [d for d in runs.glob("*") if (d / "best.npz").exists() or (d / "checkpoint.npz").exists()]
-    if not runs:
-        raise UserError(f"no trained run under {RUNS}/: train one first, e.g. "
+    def checkpoints(run):
+        return [run / name for name in ("best.npz", "checkpoint.npz") if (run / name).is_file()]
+
+    trained = {run: checkpoints(run) for run in runs.glob("*") if checkpoints(run)}
+    if not trained:
+        raise UserError(f"no trained run under {runs}/: train one first, e.g. "
                         f"`python train.py --model rowlstm`, or pass --checkpoint PATH")
-    newest = max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.npz")))
-    return newest / "best.npz" if (newest / "best.npz").exists() else newest / "checkpoint.npz"
+    newest = max(trained, key=lambda run: max(f.stat().st_mtime for f in trained[run]))
+    return trained[newest][0]
 
 
 def load(path):
@@ -139,7 +142,7 @@ def figure_1(images, completions, levels):
     return data.image_grid(tiles, 256, rows=len(images))
 
 
-def test_images(settings, data_dir, cfg, count):
+def load_test_images(settings, data_dir, cfg, count):
     """The first ``count`` test images of the run's dataset."""
     ds = data.load_dataset(settings["dataset"], data_dir)
     if ds.test.shape[1:] != (cfg.height, cfg.width, cfg.channels):
@@ -156,7 +159,7 @@ def main(argv=None):
     kind = "completions" if args.complete else "samples"
     out = args.out or path.parent / f"{kind}_seed{args.seed}.png"
     if args.complete:
-        images = test_images(settings, args.data_dir, cfg, args.images)
+        images = load_test_images(settings, args.data_dir, cfg, args.images)
         completed, compile_s, run_s = draw_completions(params, cfg, key, images, args.completions)
         grid = figure_1(images, completed, cfg.levels)
         count = len(images) * args.completions
