@@ -723,7 +723,9 @@ def test_fast_sampler_draws_the_reference_samplers_images(model, channels, level
 @pytest.mark.parametrize("model,channels,levels,overrides", [
     *[(model, 1, 2, {}) for model in pixelrnn.MODELS],
     *[(model, 3, 4, {}) for model in pixelrnn.MODELS],
-    ("pixelcnn", 1, 2, dict(skip=False, residual=False))])   # the connections are model-independent
+    ("pixelcnn", 1, 2, dict(skip=False, residual=False))],   # the connections are model-independent
+    ids=[f"{kind}-{model}" for kind in ("binary", "rgb") for model in pixelrnn.MODELS]
+    + ["no-skip-no-residual-pixelcnn"])
 def test_fast_sampler_logits_are_the_networks_teacher_forced(model, channels, levels, overrides):
     """Fed a given image, the fast sampler's logits at every sub-pixel are :func:`logits`'s."""
     cfg, params = fast_case(model, channels, levels, **overrides)
