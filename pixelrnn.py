@@ -348,7 +348,9 @@ def _diagonal_at(params, cfg, cache, x, col):
 
 
 def _diagonal_finish_row(params, cfg, cache):
-    """The mirrored direction along the completed current row, right to left."""
+    """The mirrored direction along the completed row r, right to left, from the
+    row's layer inputs (``row``) and row r-1's mirrored state (``mirrored``),
+    which it replaces: row r+1 reads it."""
     def columns(row_map):      # (B, 1, W + 2, F) -> (W, B, 1, 1, F), one pixel at a time
         return jnp.moveaxis(row_map[:, :, 1:-1], 2, 0)[:, :, :, None]
 
