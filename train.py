@@ -413,6 +413,7 @@ class Run:
         return dict(self.state, rng=self.rng)
 
     def save(self, name="checkpoint.npz"):
+        """Write the run's state to ``out/name`` (process 0 only)."""
         if self.is_main:
             write_checkpoint(self.out / name, self.settings, self.cfg, self.progress, self.tree())
 
@@ -507,13 +508,14 @@ def validate(run, evaluate, clock):
     unit, factor = nll_unit(run.cfg)
     valid = evaluate(run.state["params"], run.ds.valid)
     line = {"epoch": round(p.step / data.steps_per_epoch(run.ds, run.settings["batch_size"]), 4),
-            "step": p.step, "unit": unit, "train_loss": p.loss_sum / max(p.loss_count, 1) * factor,
-            "valid_nll": valid * factor,
+            "step": p.step, "unit": unit, "valid_nll": valid * factor,
+            "train_loss": p.loss_sum / p.loss_count * factor if p.loss_count else None,
             "images_per_s": clock.images / clock.seconds if clock.seconds else None}
     p.metrics.append(line)
     p.loss_sum, p.loss_count = 0.0, 0
     clock.images, clock.seconds = 0, 0.0
-    tqdm.write(f"step {p.step}: train {line['train_loss']:.4f}, valid {line['valid_nll']:.4f} {unit}"
+    tqdm.write(f"step {p.step}: valid {line['valid_nll']:.4f} {unit}"
+               + (f", train {line['train_loss']:.4f}" if line["train_loss"] is not None else "")
                + (f", {line['images_per_s']:.1f} images/s" if line["images_per_s"] else ""))
     if run.is_main:
         write_metrics(run.out, p.metrics)
