@@ -59,7 +59,7 @@ BINARIZE = "fresh"     # "fixed": one binarization of the training set (the pape
 EVAL_BATCH_SIZE = 256
 NUM_SAMPLES = 16       # samples in samples.png
 SAVE_EVERY = 500       # steps between checkpoints inside an epoch; 0: at epoch ends only
-HOST_DEVICES = 2       # CPU devices to split the batch over (measured faster than 1; see README)
+HOST_DEVICES = 2       # CPU only: split each batch over this many XLA devices, one per core
 
 EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
