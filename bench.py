@@ -1,0 +1,181 @@
+"""Benchmark training and sampling speed, and put them beside what the machine can do.
+
+    python bench.py                              # all three models, default sizes
+    python bench.py --models rowlstm --json      # machine-readable, one JSON object per model
+
+For each model at its default size (7 layers h=16 for the LSTMs, 15 blocks
+h=16 for PixelCNN), 28x28 binary images:
+
+* train step: images/s (median over timed steps after a warm-up), compile time;
+* forward FLOPs per image, counted from the layer shapes (dense kernels,
+  masked taps included, since the convolutions compute them), and the
+  GFLOP/s achieved by a train step (taken as 3x the forward FLOPs);
+* sampling 64 images: the fast sampler (compile time apart) and the
+  full-recompute reference, timed over its last sub-pixels and extrapolated
+  (every reference step is one whole forward pass, so steps cost the same).
+
+The machine's dense fp32 matmul GFLOP/s is measured in the same run, so each
+figure also reads as a fraction of the machine. Run it on an otherwise idle
+machine: the cores are shared.
+"""
+
+import argparse
+import json
+import statistics
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pixelrnn
+import train
+
+MODELS = pixelrnn.MODELS
+BATCH_SIZE = 64
+TIMED_STEPS = 10
+SAMPLES = 64
+REFERENCE_STEPS = 16      # reference-sampler steps actually timed, then extrapolated
+
+
+def median_seconds(run, repeats):
+    """Median wall time of ``run()`` (which must block until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(size=2048):
+    """Dense fp32 ``size x size`` matmul throughput of this machine."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    return 2 * size ** 3 / median_seconds(lambda: matmul(a, a).block_until_ready(), 10) / 1e9
+
+
+def forward_flops(cfg):
+    """Multiply-adds x 2 of one image's forward pass, from the layer shapes.
+
+    Elementwise work (gates, ReLUs, softmax) is left out: it is small next
+    to the convolutions and matrix products.
+    """
+    pixels = cfg.height * cfg.width
+    h, f = cfg.hidden, cfg.features
+    input_layer = 49 * cfg.channels * f * pixels
+    head = (f * cfg.out_hidden + cfg.out_hidden * cfg.channels * cfg.logits_per_channel) * pixels
+    if cfg.model == "rowlstm":        # 1x3 input-to-state, 1x3 state-to-state, 1x1 output
+        layer = (3 * f * 4 * h + 3 * h * 4 * h + h * f) * pixels
+    elif cfg.model == "diagbilstm":   # per direction: 1x1 input-to-state, 2x1 state-to-state on the skewed map
+        skewed = cfg.height * (cfg.width + cfg.height - 1)
+        layer = 2 * (f * 4 * h * pixels + 2 * h * 4 * h * skewed) + h * f * pixels
+    else:                             # 1x1 down, 3x3, 1x1 up
+        layer = (f * h + 9 * h * h + h * f) * pixels
+    return 2 * (input_layer + cfg.layers * layer + head)
+
+
+def default_config(model):
+    return pixelrnn.Config(model=model, layers=train.LAYERS[model], hidden=train.HIDDEN,
+                           out_hidden=train.OUT_HIDDEN)
+
+
+def bench_training(cfg, batch_size):
+    """``(compile seconds, images per second)`` of train.py's own update step."""
+    settings = dict(train.DEFAULTS, batch_size=batch_size)
+    mesh = train.make_mesh(settings, batch_size)
+    optimizer = train.make_optimizer(settings)
+    params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    rng = np.random.default_rng(0)
+    images = train.put_batch((rng.random((batch_size, cfg.height, cfg.width, 1)) < 0.13).astype(np.int32), mesh)
+
+    start = time.perf_counter()
+    step = train.make_train_step(cfg, optimizer, mesh).lower(state, images).compile()
+    compile_seconds = time.perf_counter() - start
+
+    holder = [step(state, images)[0]]                 # warm-up; keep the state alive for donation
+
+    def one_step():
+        holder[0], loss = step(holder[0], images)
+        loss.block_until_ready()
+
+    return compile_seconds, batch_size / median_seconds(one_step, TIMED_STEPS)
+
+
+def bench_sampling(cfg, num):
+    """Fast sampler ``(compile s, run s)`` and the reference sampler's extrapolated run time."""
+    params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
+    key = jax.random.PRNGKey(1)
+
+    start = time.perf_counter()
+    fast = jax.jit(pixelrnn.sample, static_argnums=(1, 3)).lower(params, cfg, key, num).compile()
+    compile_seconds = time.perf_counter() - start
+    fast_seconds = median_seconds(lambda: fast(params, key).block_until_ready(), 3)
+
+    total_steps = cfg.height * cfg.width * cfg.channels
+    canvas = jnp.zeros((num, cfg.height, cfg.width, cfg.channels), jnp.int32)
+    last_steps = jax.jit(lambda p, k, c: pixelrnn.fill_reference(p, cfg, k, c, total_steps - REFERENCE_STEPS))
+    last_steps(params, key, canvas).block_until_ready()
+    per_step = median_seconds(lambda: last_steps(params, key, canvas).block_until_ready(), 3) / REFERENCE_STEPS
+    return compile_seconds, fast_seconds, per_step * total_steps
+
+
+def bench_model(model, batch_size, machine_gflops):
+    cfg = default_config(model)
+    compile_seconds, images_per_second = bench_training(cfg, batch_size)
+    flops = forward_flops(cfg)
+    achieved = 3 * flops * images_per_second / 1e9
+    sample_compile, sample_fast, sample_reference = bench_sampling(cfg, SAMPLES)
+    return {
+        "model": model, "layers": cfg.layers, "hidden": cfg.hidden, "batch_size": batch_size,
+        "devices": jax.device_count(),
+        "train_images_per_s": round(images_per_second, 1),
+        "train_compile_s": round(compile_seconds, 1),
+        "forward_mflops_per_image": round(flops / 1e6, 1),
+        "train_gflops": round(achieved, 2),
+        "fraction_of_matmul_peak": round(achieved / machine_gflops, 4),
+        f"sample_{SAMPLES}_fast_s": round(sample_fast, 2),
+        f"sample_{SAMPLES}_fast_compile_s": round(sample_compile, 1),
+        f"sample_{SAMPLES}_reference_s": round(sample_reference, 1),
+        "sampling_speedup": round(sample_reference / sample_fast, 1),
+    }
+
+
+def print_table(machine_gflops, rows):
+    print(f"dense fp32 2048^2 matmul: {machine_gflops:.0f} GFLOP/s on {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s)")
+    print(f"{'model':<11}{'img/s':>8}{'compile':>9}{'MFLOP/img':>11}{'GFLOP/s':>9}{'%peak':>7}"
+          f"{'sample64':>10}{'(compile)':>10}{'reference':>11}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['model']:<11}{r['train_images_per_s']:>8.1f}{r['train_compile_s']:>8.1f}s"
+              f"{r['forward_mflops_per_image']:>11.1f}{r['train_gflops']:>9.1f}"
+              f"{100 * r['fraction_of_matmul_peak']:>6.1f}%"
+              f"{r['sample_64_fast_s']:>9.2f}s{r['sample_64_fast_compile_s']:>9.1f}s"
+              f"{r['sample_64_reference_s']:>10.1f}s{r['sampling_speedup']:>8.0f}x")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--host-devices", type=int, default=train.HOST_DEVICES,
+                        help="CPU devices to split the batch over, as train.py does")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    args = parser.parse_args(argv)
+    train.set_up_devices(types.SimpleNamespace(distributed=False, host_devices=args.host_devices))
+
+    machine_gflops = matmul_gflops()
+    rows = [bench_model(model, args.batch_size, machine_gflops) for model in args.models]
+    if args.json:
+        print(json.dumps({"matmul_gflops": round(machine_gflops, 1)}))
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print_table(machine_gflops, rows)
+
+
+if __name__ == "__main__":
+    main()
