@@ -95,7 +95,8 @@ def read_cifar10_batch(path):
     """
     try:
         with open(path, "rb") as f:
-            rows = np.asarray(pickle.load(f, encoding="bytes")[b"data"], dtype=np.uint8)
+            cifar_batch = pickle.load(f, encoding="bytes")
+        rows = np.asarray(cifar_batch[b"data"], dtype=np.uint8)
         # Each row holds the 1024 red, then green, then blue values of a 32x32 image.
         return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError) as e:
