@@ -22,6 +22,7 @@ devices), parameters are replicated; ``--distributed`` joins a multi-host job.
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
@@ -151,11 +152,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of unmapping it.
+
+    XLA:CPU allocates each step's scratch buffers (420 MB for a PixelCNN
+    step at batch 64) with malloc from its worker threads. glibc serves
+    requests that size with a fresh ``mmap`` and unmaps them on ``free``, so
+    every step page-faulted all of it in again: about 100,000 faults per
+    PixelCNN step, 400,000 per Diagonal BiLSTM step (measured with
+    ``getrusage``). One arena, no ``mmap`` and no trimming make the buffers
+    stay mapped and get reused. Must run before JAX starts its threads; a
+    no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8      # from glibc's malloc.h
+    libc.mallopt(m_arena_max, 1)
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
+
+
 def set_up_devices(args):
-    """Join a multi-host job or split the CPU into host devices.
+    """Join a multi-host job or split the CPU into host devices; tune malloc for XLA.
 
     Must run before JAX's first computation: XLA fixes its devices then.
     """
+    keep_freed_memory()
     if args.distributed:
         jax.distributed.initialize()  # finds its peers through SLURM, Open MPI, TPU metadata, ...
     user_set = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
