@@ -70,20 +70,32 @@ def init_conv(key, kh, kw, features_in, features_out):
     return {"w": w, "b": jnp.zeros((features_out,))}
 
 
-def conv(params, x, padding="SAME"):
-    """Plain 2-D convolution, stride 1: ``(B, H, W, F_in) -> (B, H', W', F_out)``.
+def conv(params, x, padding="SAME", mask=None):
+    """2-D convolution, stride 1, ``(B, H, W, F_in) -> (B, H', W', F_out)``, as matrix products.
 
-    ``"SAME"`` keeps the map size (zero padding outside the image); ``"VALID"``
-    is used by the fast sampler to evaluate one position from a patch.
+    Output ``(r, c)`` is the sum over kernel taps ``(dy, dx)`` of the
+    (padded) input at ``(r + dy, c + dx)`` times the tap's
+    ``(F_in, F_out)`` matrix. Only the taps that ``mask`` leaves nonzero are
+    computed (a mask-B ``3 x 3`` kernel has 5 of 9): the shifted inputs of
+    all ``T`` taps are stacked, ``(B, H', W', T * F_in)``, and multiplied
+    once by the stacked kernel ``(T * F_in, F_out)`` ("im2col").
+
+    On XLA:CPU this is faster to differentiate than
+    ``lax.conv_general_dilated``, whose kernel gradient is slow for these
+    few features (measured, one PixelCNN block at batch 64: 40 -> 30 ms).
+    A test checks it against ``lax.conv_general_dilated``.
+
+    ``"SAME"`` keeps the map size (zeros outside the image); ``"VALID"`` is
+    used by the fast sampler to evaluate one position from a patch.
     """
-    w = params["w"]
-    if w.shape[:2] == (1, 1):
-        # A 1x1 convolution is a matrix product over features; XLA:CPU runs
-        # its gradient about 5x faster written as one (measured on the 2-core CPU).
-        return x @ w[0, 0] + params["b"]
-    y = lax.conv_general_dilated(
-        x, w, window_strides=(1, 1), padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    w = params["w"] if mask is None else params["w"] * mask
+    kh, kw = w.shape[:2]
+    taps = [(dy, dx) for dy in range(kh) for dx in range(kw) if mask is None or mask[dy, dx].any()]
+    if padding == "SAME":     # as lax: (k - 1) // 2 zeros before, k // 2 after
+        x = jnp.pad(x, [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)])
+    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    shifted = [x[:, dy:dy + out_h, dx:dx + out_w] for dy, dx in taps]
+    y = jnp.concatenate(shifted, -1) @ jnp.concatenate([w[tap] for tap in taps], 0)
     return y + params["b"]
 
 
@@ -94,8 +106,7 @@ def masked_conv(params, x, colours, mask_type, padding="SAME"):
     at run time, and masked weights get zero gradient: they stay irrelevant
     whatever the optimiser does.
     """
-    mask = conv_mask(params["w"].shape, colours, mask_type)
-    return conv({"w": params["w"] * mask, "b": params["b"]}, x, padding)
+    return conv(params, x, padding, mask=conv_mask(params["w"].shape, colours, mask_type))
 
 
 # ---------------------------------------------------------------------------

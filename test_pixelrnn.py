@@ -881,3 +881,35 @@ def test_keep_freed_memory_stops_xla_scratch_buffers_page_faulting_every_step():
     plain, kept = faults("plain"), faults("keep")
     assert plain > 10_000          # the 80 MB scratch buffer is faulted in again every step
     assert kept < plain / 4
+
+
+CONV_CASES = [  # (kh, kw, F_in, F_out, colours, mask type or None, padding)
+    (7, 7, 1, 32, 1, "A", "SAME"), (7, 7, 3, 12, 3, "A", "SAME"), (3, 3, 16, 16, 1, "B", "SAME"),
+    (3, 3, 6, 6, 3, "B", "SAME"), (1, 3, 32, 64, 1, "B", "SAME"), (1, 3, 6, 24, 3, "B", "SAME"),
+    (1, 1, 32, 16, 1, "B", "SAME"), (1, 1, 12, 6, 3, "B", "SAME"), (3, 3, 6, 6, 3, "B", "VALID"),
+    (1, 3, 4, 16, 1, None, "VALID"), (2, 1, 4, 16, 1, None, "VALID"), (3, 3, 5, 3, 1, None, "SAME"),
+]
+
+
+@pytest.mark.parametrize("kh, kw, f_in, f_out, colours, mask_type, padding", CONV_CASES)
+def test_conv_as_matrix_products_equals_lax_convolution(kh, kw, f_in, f_out, colours, mask_type, padding):
+    params = layers.init_conv(jax.random.PRNGKey(0), kh, kw, f_in, f_out)
+    params["b"] = jax.random.normal(jax.random.PRNGKey(1), (f_out,))
+    mask = None if mask_type is None else layers.conv_mask((kh, kw, f_in, f_out), colours, mask_type)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 6, f_in))
+
+    def plain(params, x):
+        w = params["w"] if mask is None else params["w"] * mask
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + params["b"]
+
+    def fast(params, x):
+        return layers.conv(params, x, padding, mask=mask)
+
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), plain(params, x).shape)
+    for f in (plain, fast):
+        assert f(params, x).shape == cotangent.shape
+    np.testing.assert_allclose(fast(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
+    grads = [jax.vjp(f, params, x)[1](cotangent) for f in (fast, plain)]
+    for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
