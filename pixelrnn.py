@@ -236,9 +236,9 @@ def complete_reference(params, cfg, key, images, known):
 # and the values stored after the last colour are the full forward pass's.
 
 
-def _conv_at(params, patch, cfg, mask_type="B"):
+def _conv_at(params, patch, cfg, mask_type="B", blocks=1):
     """A masked ``k x k'`` convolution at the centre of ``patch (B, k, k', F)`` -> ``(B, 1, 1, F')``."""
-    return layers.masked_conv(params, patch, cfg.channels, mask_type, padding="VALID")
+    return layers.masked_conv(params, patch, cfg.channels, mask_type, padding="VALID", blocks=blocks)
 
 
 def _centred(row_map, col, width):
@@ -301,7 +301,7 @@ def _lstm_cache(cfg, batch):
 def _row_lstm_at(params, cfg, cache, x, col):
     """:func:`layers.row_lstm` at pixel ``col`` of the current row, from its input ``x (B, 1, 1, 2h)``."""
     above, left = cache["above"], cache["left"]
-    gates = (_conv_at(params["input_to_state"], _own_row(left["input"], x), cfg)
+    gates = (_conv_at(params["input_to_state"], _own_row(left["input"], x), cfg, blocks=4)
              + layers.conv(params["state_to_state"], _centred(above["hidden"], col, 3), padding="VALID"))
     hidden, cell = layers.lstm_cell(gates, _centred(above["cell"], col, 1))
     return _conv_at(params["output"], hidden, cfg), {"input": x, "hidden": hidden, "cell": cell}
@@ -332,7 +332,7 @@ def _diagonal_gates(direction, x, state_above, state_beside, cfg):
     mirrored one).
     """
     states = jnp.concatenate([state_above, state_beside], axis=1)   # (B, 2, 1, h)
-    return (_conv_at(direction["input_to_state"], x, cfg)
+    return (_conv_at(direction["input_to_state"], x, cfg, blocks=4)
             + layers.conv(direction["state_to_state"], states, padding="VALID"))
 
 

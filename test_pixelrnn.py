@@ -250,6 +250,13 @@ def test_mask_values_rgb_groups():
     assert np.all(mask[1, 2] == 0) and np.all(mask[2] == 0)       # the future: nothing
 
 
+def test_gate_blocks_each_get_the_colour_groups():
+    # 3 inputs (R, G, B) -> LSTM gates [o | f | i | g] of 3 units (R, G, B) each.
+    centre = layers.conv_mask((1, 3, 3, 12), 3, "B", blocks=4)[0, 1]
+    block = [[1, 1, 1], [0, 1, 1], [0, 0, 1]]
+    np.testing.assert_array_equal(centre, np.tile(block, 4))
+
+
 @pytest.mark.parametrize("field,overrides", [
     ("model", dict(model="transformer")),
     ("channels", dict(channels=2)),
