@@ -246,26 +246,22 @@ def init_diagonal_bilstm(key, features, hidden):
     }
 
 
-def diagonal_lstm_step(state_to_state, carry, column):
+def diagonal_lstm_step(state_to_state, carry, gates_from_input):
     """Advance both directions' LSTMs by one column of the skewed map.
 
-    ``carry = (hidden, cell)``, each ``(2, B, H, h)``: the previous column.
-    ``column = (gates_from_input (2, B, H, 4h), inside (H,))``. Position
-    ``r`` reads the previous column at rows ``r - 1`` (the pixel above) and
-    ``r`` (the pixel to the left). ``inside`` zeroes the state on the skew
-    padding, so the image border looks the same as for the Row LSTM: zero
-    state outside the image.
+    ``carry = (hidden, cell)``, each ``(2, B, H, h)``: the previous column;
+    ``gates_from_input (2, B, H, 4h)``: this column's input-to-state part,
+    which already holds the state-to-state bias. Position ``r`` reads the
+    previous column at rows ``r - 1`` (the pixel above) and ``r`` (the pixel
+    to the left).
     """
     hidden_prev, cell_prev = carry
-    gates_from_input, inside = column
     hidden_above = jnp.pad(hidden_prev, [(0, 0), (0, 0), (1, 0), (0, 0)])[:, :, :-1]
     both_rows = jnp.concatenate([hidden_above, hidden_prev], axis=-1)   # (2, B, H, 2h)
     kernel = state_to_state["w"].reshape(2, -1, state_to_state["w"].shape[-1])
     gates = gates_from_input + jnp.einsum("dbhk,dkg->dbhg", both_rows, kernel)
-    gates = gates + state_to_state["b"][:, None, None, :]
     hidden, cell = lstm_cell(gates, cell_prev)
-    inside = inside[None, None, :, None]
-    return (hidden * inside, cell * inside), hidden * inside
+    return (hidden, cell), hidden
 
 
 def diagonal_bilstm(params, x, colours):
@@ -278,19 +274,26 @@ def diagonal_bilstm(params, x, colours):
     then skewed. Direction 1's output is mirrored back and **shifted down one
     row** before the two are added: unshifted it would see pixels to the
     right in the same row, which come later in raster order.
+
+    The skew padding needs no masking. Both biases are added before skewing,
+    so the padding's gates are exactly 0, and an LSTM with zero gates and
+    zero state keeps a zero state (``c = c / 2``, ``h = tanh(0) / 2``): left of
+    each row the state stays 0, as outside the image in the Row LSTM. Right
+    of each row it does not, but no image position reads it (they read the
+    previous column at the same row and the row above).
     """
     batch, height, width, _ = x.shape
     hidden_size = params["output"]["w"].shape[2]
     gates = jax.vmap(lambda p: masked_conv(p, x, colours, "B", blocks=4))(params["input_to_state"])
+    gates = gates + params["state_to_state"]["b"][:, None, None, None, :]
     gates = jnp.stack([gates[0], gates[1][:, :, ::-1]])               # (2, B, H, W, 4h)
     columns = jnp.moveaxis(skew(gates), 3, 0)                         # (W+H-1, 2, B, H, 4h)
-    inside = skew(jnp.ones((height, width, 1)))[..., 0].T             # (W+H-1, H)
     zeros = jnp.zeros((2, batch, height, hidden_size), x.dtype)
 
     def step(carry, column):
         return diagonal_lstm_step(params["state_to_state"], carry, column)
 
-    _, hidden_columns = lax.scan(step, (zeros, zeros), (columns, inside))
+    _, hidden_columns = lax.scan(step, (zeros, zeros), columns)
     hidden = unskew(jnp.moveaxis(hidden_columns, 0, 3))               # (2, B, H, W, h)
     combined = hidden[0] + shift_down(hidden[1][:, :, ::-1])
     return masked_conv(params["output"], combined, colours, "B")

@@ -706,10 +706,20 @@ def test_a_nan_loss_stops_training_and_keeps_the_checkpoint(tiny_runs, tmp_path,
 import sample  # noqa: E402  (the sampling script, imported for its grid layout)
 
 
+def with_random_biases(params, key):
+    """``params`` with every bias drawn at random: init's zero biases could hide a bias bug
+    (at the image border, say, or on the Diagonal BiLSTM's skew padding)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [
+        0.5 * jax.random.normal(k, leaf.shape) if getattr(path[-1], "key", None) == "b" else leaf
+        for k, (path, leaf) in zip(keys, leaves)])
+
+
 def fast_case(model, channels, levels, **overrides):
-    """A non-square 4x5 image, 2 layers, and its parameters."""
+    """A non-square 4x5 image, 2 layers, and its parameters (random biases included)."""
     cfg = small_config(model, height=4, width=5, channels=channels, levels=levels, **overrides)
-    return cfg, pixelrnn.init(jax.random.PRNGKey(11), cfg)
+    return cfg, with_random_biases(pixelrnn.init(jax.random.PRNGKey(11), cfg), jax.random.PRNGKey(14))
 
 
 FAST_CASES = pytest.mark.parametrize("channels,levels", [(1, 2), (3, 4)], ids=["binary", "rgb"])
