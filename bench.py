@@ -7,9 +7,9 @@ For each model at its default size (7 layers h=16 for the LSTMs, 15 blocks
 h=16 for PixelCNN), 28x28 binary images:
 
 * train step: images/s (median over timed steps after a warm-up), compile time;
-* forward FLOPs per image, counted from the layer shapes (dense kernels,
-  masked taps included, since the convolutions compute them), and the
-  GFLOP/s achieved by a train step (taken as 3x the forward FLOPs);
+* forward FLOPs per image, counted from the layer shapes (the kernel taps
+  that the masks leave, which are the ones computed), and the GFLOP/s
+  achieved by a train step (taken as 3x the forward FLOPs);
 * sampling 64 images: the fast sampler (compile time apart) and the
   full-recompute reference, timed over its last sub-pixels and extrapolated
   (every reference step is one whole forward pass, so steps cost the same).
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import layers
 import pixelrnn
 import train
 
@@ -57,23 +58,29 @@ def matmul_gflops(size=2048):
     return 2 * size ** 3 / median_seconds(lambda: matmul(a, a).block_until_ready(), 10) / 1e9
 
 
+def taps(kh, kw, mask_type="B"):
+    """Kernel taps a masked ``kh x kw`` convolution computes (``layers.conv`` skips the hidden ones)."""
+    return int(layers.conv_mask((kh, kw, 1, 1), 1, mask_type).any(axis=(2, 3)).sum())
+
+
 def forward_flops(cfg):
     """Multiply-adds x 2 of one image's forward pass, from the layer shapes.
 
-    Elementwise work (gates, ReLUs, softmax) is left out: it is small next
-    to the convolutions and matrix products.
+    Only the kernel taps a mask leaves are counted: they are the ones
+    computed. Elementwise work (gates, ReLUs, softmax) is left out: it is
+    small next to the matrix products.
     """
     pixels = cfg.height * cfg.width
     h, f = cfg.hidden, cfg.features
-    input_layer = 49 * cfg.channels * f * pixels
+    input_layer = taps(7, 7, "A") * cfg.channels * f * pixels
     head = (f * cfg.out_hidden + cfg.out_hidden * cfg.channels * cfg.logits_per_channel) * pixels
     if cfg.model == "rowlstm":        # 1x3 input-to-state, 1x3 state-to-state, 1x1 output
-        layer = (3 * f * 4 * h + 3 * h * 4 * h + h * f) * pixels
+        layer = (taps(1, 3) * f * 4 * h + 3 * h * 4 * h + h * f) * pixels
     elif cfg.model == "diagbilstm":   # per direction: 1x1 input-to-state, 2x1 state-to-state on the skewed map
         skewed = cfg.height * (cfg.width + cfg.height - 1)
         layer = 2 * (f * 4 * h * pixels + 2 * h * 4 * h * skewed) + h * f * pixels
     else:                             # 1x1 down, 3x3, 1x1 up
-        layer = (f * h + 9 * h * h + h * f) * pixels
+        layer = (f * h + taps(3, 3) * h * h + h * f) * pixels
     return 2 * (input_layer + cfg.layers * layer + head)
 
 

@@ -158,15 +158,8 @@ def row_lstm_step(state_to_state, carry, gates_from_input):
     every position it reads is in an earlier row, so nothing needs hiding.
     """
     hidden_above, cell_above = carry
-    kernel_width = state_to_state["w"].shape[1]
-    padded = jnp.pad(hidden_above, [(0, 0), (kernel_width // 2, kernel_width // 2), (0, 0)])
-    width = hidden_above.shape[1]
-    # The convolution as one matrix product over the k neighbours above:
-    # XLA:CPU differentiates convolutions inside a scan very slowly (measured:
-    # 25x slower than outside one), matrix products at full speed.
-    neighbours = jnp.concatenate([padded[:, dx:dx + width] for dx in range(kernel_width)], -1)
-    kernel = state_to_state["w"].reshape(-1, state_to_state["w"].shape[-1])    # (k*h, 4h)
-    gates = gates_from_input + neighbours @ kernel + state_to_state["b"]
+    from_above = conv(state_to_state, hidden_above[:, None])[:, 0]     # (B, W, 4h)
+    gates = gates_from_input + from_above
     hidden, cell = lstm_cell(gates, cell_above)
     return (hidden, cell), hidden
 
