@@ -36,6 +36,7 @@ import train
 MODELS = pixelrnn.MODELS
 BATCH_SIZE = 64
 TIMED_STEPS = 10
+WARM_UP_STEPS = 3         # the first steps also grow malloc's heap to its working size
 SAMPLES = 64
 REFERENCE_STEPS = 16      # reference-sampler steps actually timed, then extrapolated
 
@@ -103,12 +104,13 @@ def bench_training(cfg, batch_size):
     step = train.make_train_step(cfg, optimizer, mesh).lower(state, images).compile()
     compile_seconds = time.perf_counter() - start
 
-    holder = [step(state, images)[0]]                 # warm-up; keep the state alive for donation
+    holder = [state]                                  # keeps the state alive for donation
 
     def one_step():
         holder[0], loss = step(holder[0], images)
         loss.block_until_ready()
 
+    median_seconds(one_step, WARM_UP_STEPS)
     return compile_seconds, batch_size / median_seconds(one_step, TIMED_STEPS)
 
 

@@ -171,7 +171,7 @@ def keep_freed_memory():
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8      # from glibc's malloc.h
     libc.mallopt(m_arena_max, 1)
     libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
+    libc.mallopt(m_trim_threshold, -1)             # -1: never trim
 
 
 def set_up_devices(args):
