@@ -2,6 +2,7 @@
 
     python bench.py                              # all three models, default sizes
     python bench.py --models rowlstm --json      # machine-readable, one JSON object per model
+    python bench.py --processes 5 --no-sampling  # training only, medians over 5 fresh processes
 
 For each model at its default size (7 layers h=16 for the LSTMs, 15 blocks
 h=16 for PixelCNN), 28x28 binary images:
@@ -17,11 +18,19 @@ h=16 for PixelCNN), 28x28 binary images:
 The machine's dense fp32 matmul GFLOP/s is measured in the same run, so each
 figure also reads as a fraction of the machine. Run it on an otherwise idle
 machine: the cores are shared.
+
+On a shared virtual machine the figures move by 15-30 % from one process to
+the next (measured: Row LSTM 118-184 img/s over a dozen runs in one day),
+far more than between the timed steps of one process. ``--processes N``
+runs the whole benchmark in N fresh processes, one after another, and
+reports each figure's median and the range of images/s.
 """
 
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 import types
 
@@ -132,13 +141,12 @@ def bench_sampling(cfg, num):
     return compile_seconds, fast_seconds, per_step * total_steps
 
 
-def bench_model(model, batch_size, machine_gflops):
+def bench_model(model, batch_size, machine_gflops, sampling=True):
     cfg = default_config(model)
     compile_seconds, images_per_second = bench_training(cfg, batch_size)
     flops = forward_flops(cfg)
     achieved = 3 * flops * images_per_second / 1e9
-    sample_compile, sample_fast, sample_reference = bench_sampling(cfg, SAMPLES)
-    return {
+    row = {
         "model": model, "layers": cfg.layers, "hidden": cfg.hidden, "batch_size": batch_size,
         "devices": jax.device_count(),
         "train_images_per_s": round(images_per_second, 1),
@@ -146,38 +154,90 @@ def bench_model(model, batch_size, machine_gflops):
         "forward_mflops_per_image": round(flops / 1e6, 1),
         "train_gflops": round(achieved, 2),
         "fraction_of_matmul_peak": round(achieved / machine_gflops, 4),
-        f"sample_{SAMPLES}_fast_s": round(sample_fast, 2),
-        f"sample_{SAMPLES}_fast_compile_s": round(sample_compile, 1),
-        f"sample_{SAMPLES}_reference_s": round(sample_reference, 1),
-        "sampling_speedup": round(sample_reference / sample_fast, 1),
     }
+    if sampling:
+        sample_compile, sample_fast, sample_reference = bench_sampling(cfg, SAMPLES)
+        row.update({
+            f"sample_{SAMPLES}_fast_s": round(sample_fast, 2),
+            f"sample_{SAMPLES}_fast_compile_s": round(sample_compile, 1),
+            f"sample_{SAMPLES}_reference_s": round(sample_reference, 1),
+            "sampling_speedup": round(sample_reference / sample_fast, 1),
+        })
+    return row
+
+
+def median_rows(runs):
+    """Per-model medians of several runs' rows, plus the range of images/s.
+
+    ``runs`` holds one list of rows (as :func:`bench_model` returns) per
+    process. Measured figures become their median; ``train_images_per_s_range`` is
+    ``[lowest, highest]`` and ``processes`` the number of runs.
+    """
+    def median(values):    # settings (model, layers, devices, ...) are the same in every run
+        return values[0] if len(set(values)) == 1 else round(statistics.median(values), 4)
+
+    medians = []
+    for model_rows in zip(*runs):
+        row = {key: median([r[key] for r in model_rows]) for key in model_rows[0]}
+        speeds = [r["train_images_per_s"] for r in model_rows]
+        medians.append(dict(row, train_images_per_s_range=[min(speeds), max(speeds)],
+                            processes=len(model_rows)))
+    return medians
+
+
+def bench_in_processes(args):
+    """``(matmul GFLOP/s, rows)``: medians of ``args.processes`` fresh ``bench.py --json`` runs."""
+    command = [sys.executable, __file__, "--json", "--models", *args.models,
+               "--batch-size", str(args.batch_size), "--host-devices", str(args.host_devices)]
+    if not args.sampling:
+        command.append("--no-sampling")
+    machine, runs = [], []
+    for _ in range(args.processes):
+        lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
+        objects = [json.loads(line) for line in lines if line.startswith("{")]
+        machine.append(objects[0]["matmul_gflops"])
+        runs.append(objects[1:])
+    return statistics.median(machine), median_rows(runs)
 
 
 def print_table(machine_gflops, rows):
-    print(f"dense fp32 2048^2 matmul: {machine_gflops:.0f} GFLOP/s on {jax.device_count()} "
+    print(f"dense fp32 2048^2 matmul: {machine_gflops:.0f} GFLOP/s on {rows[0]['devices']} "
           f"{jax.devices()[0].platform} device(s)")
     print(f"{'model':<11}{'img/s':>8}{'compile':>9}{'MFLOP/img':>11}{'GFLOP/s':>9}{'%peak':>7}"
           f"{'sample64':>10}{'(compile)':>10}{'reference':>11}{'speedup':>9}")
     for r in rows:
+        sampling = (f"{r['sample_64_fast_s']:>9.2f}s{r['sample_64_fast_compile_s']:>9.1f}s"
+                    f"{r['sample_64_reference_s']:>10.1f}s{r['sampling_speedup']:>8.0f}x"
+                    if "sampling_speedup" in r else f"{'-':>10}{'-':>10}{'-':>11}{'-':>9}")
         print(f"{r['model']:<11}{r['train_images_per_s']:>8.1f}{r['train_compile_s']:>8.1f}s"
               f"{r['forward_mflops_per_image']:>11.1f}{r['train_gflops']:>9.1f}"
-              f"{100 * r['fraction_of_matmul_peak']:>6.1f}%"
-              f"{r['sample_64_fast_s']:>9.2f}s{r['sample_64_fast_compile_s']:>9.1f}s"
-              f"{r['sample_64_reference_s']:>10.1f}s{r['sampling_speedup']:>8.0f}x")
+              f"{100 * r['fraction_of_matmul_peak']:>6.1f}%{sampling}")
+    if "processes" in rows[0]:
+        print(f"medians of {rows[0]['processes']} processes; img/s ranged over "
+              + ", ".join(f"{r['model']} {r['train_images_per_s_range'][0]:.1f}-"
+                          f"{r['train_images_per_s_range'][1]:.1f}" for r in rows))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--host-devices", type=int, default=train.HOST_DEVICES,
+    parser.add_argument("--batch-size", type=train.number(int, 1), default=BATCH_SIZE)
+    parser.add_argument("--host-devices", type=train.number(int, 1), default=train.HOST_DEVICES,
                         help="CPU devices to split the batch over, as train.py does")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    parser.add_argument("--no-sampling", dest="sampling", action="store_false",
+                        help="time the train step only")
+    parser.add_argument("--processes", type=train.number(int, 1), default=1,
+                        help="run in this many fresh processes, one after another; report medians")
     args = parser.parse_args(argv)
-    train.set_up_devices(types.SimpleNamespace(distributed=False, host_devices=args.host_devices))
 
-    machine_gflops = matmul_gflops()
-    rows = [bench_model(model, args.batch_size, machine_gflops) for model in args.models]
+    if args.processes > 1:
+        machine_gflops, rows = bench_in_processes(args)
+    else:
+        train.set_up_devices(types.SimpleNamespace(distributed=False, host_devices=args.host_devices))
+        machine_gflops = matmul_gflops()
+        rows = [bench_model(model, args.batch_size, machine_gflops, args.sampling)
+                for model in args.models]
     if args.json:
         print(json.dumps({"matmul_gflops": round(machine_gflops, 1)}))
         for row in rows:

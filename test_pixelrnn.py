@@ -26,6 +26,7 @@ import numpy as np
 import optax
 import pytest
 
+import bench
 import data
 import layers
 import pixelrnn
@@ -930,3 +931,44 @@ def test_conv_as_matrix_products_equals_lax_convolution(kh, kw, f_in, f_out, col
     grads = [jax.vjp(f, params, x)[1](cotangent) for f in (fast, plain)]
     for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_counts_the_kernel_taps_the_masks_leave():
+    assert [bench.taps(7, 7, "A"), bench.taps(3, 3, "B"), bench.taps(1, 3, "B"), bench.taps(1, 1)] == [24, 5, 2, 1]
+
+
+def test_bench_flop_count_agrees_with_xla_for_pixelcnn():
+    # XLA counts the PixelCNN's matrix products as we do, plus the elementwise
+    # work (ReLUs, biases, the softmax) that bench.py leaves out. (Its count
+    # of a scan holds the loop body once, so the LSTMs cannot be checked so.)
+    cfg = bench.default_config("pixelcnn")
+    params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
+    x = jnp.zeros((1, cfg.height, cfg.width, cfg.channels))
+    cost = jax.jit(lambda p, x: pixelrnn.network(p, cfg, x)).lower(params, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert bench.forward_flops(cfg) <= cost["flops"] <= 1.2 * bench.forward_flops(cfg)
+
+
+def test_bench_medians_over_processes_keep_settings_and_report_the_range():
+    def row(speed, compile_s):
+        return {"model": "rowlstm", "layers": 7, "devices": 2, "train_images_per_s": speed,
+                "train_compile_s": compile_s}
+    runs = [[row(150.0, 7.0)], [row(118.5, 9.0)], [row(184.0, 8.0)]]
+    (median,) = bench.median_rows(runs)
+    assert median == {"model": "rowlstm", "layers": 7, "devices": 2, "train_images_per_s": 150.0,
+                      "train_compile_s": 8.0, "train_images_per_s_range": [118.5, 184.0],
+                      "processes": 3}
+
+
+def test_bench_runs_in_fresh_processes_and_rejects_bad_flags():
+    bench_py = [sys.executable, str(pathlib.Path(bench.__file__))]
+    out = subprocess.run(bench_py + ["--models", "pixelcnn", "--batch-size", "2", "--host-devices", "1",
+                                     "--no-sampling", "--processes", "2", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    machine, row = [json.loads(line) for line in out.splitlines()]
+    assert machine["matmul_gflops"] > 0 and row["processes"] == 2
+    low, high = row["train_images_per_s_range"]
+    assert 0 < low <= row["train_images_per_s"] <= high
+    assert "sample_64_fast_s" not in row
+    bad = subprocess.run(bench_py + ["--processes", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--processes: 0 must be >= 1" in bad.stderr
