@@ -270,7 +270,7 @@ def diagonal_bilstm(params, x, colours):
 
     The skew padding needs no masking. Both biases are added before skewing,
     so the padding's gates are exactly 0, and an LSTM with zero gates and
-    zero state keeps a zero state (``c = c / 2``, ``h = tanh(0) / 2``): left of
+    zero state keeps a zero state (``c' = c / 2 = 0``, ``h = tanh(c') / 2 = 0``): left of
     each row the state stays 0, as outside the image in the Row LSTM. Right
     of each row it does not, but no image position reads it (they read the
     previous column at the same row and the row above).

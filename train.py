@@ -158,10 +158,9 @@ def keep_freed_memory():
     XLA:CPU allocates each step's scratch buffers (420 MB for a PixelCNN
     step at batch 64) with malloc from its worker threads, whose glibc
     arenas serve requests that size with a fresh ``mmap`` and unmap them on
-    ``free``, so
-    every step page-faulted all of it in again: about 100,000 faults per
-    PixelCNN step, 400,000 per Diagonal BiLSTM step (measured with
-    ``getrusage``). One arena, no ``mmap`` and no trimming make the buffers
+    ``free``, so every step page-faulted all of it in again: about 100,000
+    faults per PixelCNN step, 400,000 per Diagonal BiLSTM step (measured
+    with ``getrusage``). One arena, no ``mmap`` and no trimming make the buffers
     stay mapped and get reused. Must run before JAX starts its threads; a
     no-op where the C library is not glibc.
     """
