@@ -193,8 +193,11 @@ def bench_in_processes(args):
         command.append("--no-sampling")
     machine, runs = [], []
     for _ in range(args.processes):
-        lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
-        objects = [json.loads(line) for line in lines if line.startswith("{")]
+        # stderr goes straight through, so a failing child's own error is what the user reads.
+        child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        if child.returncode:
+            sys.exit(child.returncode)
+        objects = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
         machine.append(objects[0]["matmul_gflops"])
         runs.append(objects[1:])
     return statistics.median(machine), median_rows(runs)
@@ -247,4 +250,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except train.UserError as e:         # e.g. a batch size the devices cannot split
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(train.EXIT_USER_ERROR)

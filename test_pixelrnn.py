@@ -972,3 +972,8 @@ def test_bench_runs_in_fresh_processes_and_rejects_bad_flags():
     assert "sample_64_fast_s" not in row
     bad = subprocess.run(bench_py + ["--processes", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--processes: 0 must be >= 1" in bad.stderr
+    # A mistake that only a child process finds reaches the user as the child's one line.
+    odd = subprocess.run(bench_py + ["--batch-size", "3", "--host-devices", "2", "--processes", "2"],
+                         capture_output=True, text=True)
+    assert odd.returncode == 2 and "Traceback" not in odd.stderr, odd.stderr
+    assert odd.stderr.splitlines()[-1] == "bench.py: error: --batch-size 3 is not divisible by the 2 devices (cpu)"
