@@ -253,5 +253,4 @@ if __name__ == "__main__":
     try:
         main()
     except train.UserError as e:         # e.g. a batch size the devices cannot split
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        sys.exit(train.EXIT_USER_ERROR)
+        train.fail(e, program="bench.py")

@@ -31,8 +31,6 @@ SEED = 0
 IMAGES = 8                   # --complete: test images, one per row
 COMPLETIONS = 5              # --complete: completions of each
 
-EXIT_USER_ERROR = 2
-
 
 class UserError(Exception):
     """Something the user can fix: printed as one line, exit code 2."""
@@ -180,5 +178,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (UserError, train.UserError, data.DataError) as e:
-        print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        train.fail(e, program="sample.py")

@@ -94,9 +94,12 @@ class OneLineParser(argparse.ArgumentParser):
         fail(message)
 
 
-def fail(message, code=EXIT_USER_ERROR, label="error: "):
-    """Print ``message`` as a single line on stderr and exit with ``code``."""
-    print(f"train.py: {label}{' '.join(str(message).split())}", file=sys.stderr)
+def fail(message, code=EXIT_USER_ERROR, label="error: ", program="train.py"):
+    """Print ``message`` as a single line on stderr and exit with ``code``.
+
+    sample.py and bench.py end their user errors here too, under their own name.
+    """
+    print(f"{program}: {label}{' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(code)
 
 
