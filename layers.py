@@ -2,11 +2,11 @@
 
 Every block is a pair of plain functions:
 
-    params = init_<block>(key, ...)        # a dict of jnp arrays
-    y      = <block>(params, x, colours)   # a pure function of arrays
+    params = init_<block>(key, ...)         # a dict of jnp arrays
+    y      = <block>(params, x, channels)   # a pure function of arrays
 
-Feature maps are NHWC: ``(B, H, W, F)``. ``colours`` is the number of image
-channels (1 for grey, 3 for RGB): with 3 colours every masked layer splits its
+Feature maps are NHWC: ``(B, H, W, F)``. ``channels`` is the number of image
+channels (1 for grey, 3 for RGB): with 3 channels every masked layer splits its
 features into three contiguous groups tied to R, G and B (paper section 3.4).
 
 Read top to bottom: masks, masked convolution, the LSTM cell, the Row LSTM
@@ -24,18 +24,18 @@ from jax import lax
 # ---------------------------------------------------------------------------
 
 
-def colour_groups(features, colours):
+def colour_groups(features, channels):
     """Colour group (0 = R, 1 = G, 2 = B) of each of ``features`` features.
 
-    Groups are contiguous blocks: with 6 features and 3 colours the groups are
+    Groups are contiguous blocks: with 6 features and 3 channels the groups are
     ``[0, 0, 1, 1, 2, 2]``. Returns an int array of shape ``(features,)``.
     """
-    if features % colours:
-        raise ValueError(f"{features} features cannot be split into {colours} colour groups")
-    return np.arange(features) * colours // features
+    if features % channels:
+        raise ValueError(f"{features} features cannot be split into {channels} colour groups")
+    return np.arange(features) * channels // features
 
 
-def conv_mask(kernel_shape, colours, mask_type, blocks=1):
+def conv_mask(kernel_shape, channels, mask_type, blocks=1):
     """The 0/1 mask of a masked convolution kernel ``(kh, kw, F_in, F_out)``.
 
     Positions above the centre row and left of the centre in the centre row
@@ -52,8 +52,8 @@ def conv_mask(kernel_shape, colours, mask_type, blocks=1):
     """
     kh, kw, features_in, features_out = kernel_shape
     centre_row, centre_col = kh // 2, kw // 2
-    groups_in = colour_groups(features_in, colours)[:, None]
-    groups_out = np.tile(colour_groups(features_out // blocks, colours), blocks)[None, :]
+    groups_in = colour_groups(features_in, channels)[:, None]
+    groups_out = np.tile(colour_groups(features_out // blocks, channels), blocks)[None, :]
     centre = groups_in < groups_out if mask_type == "A" else groups_in <= groups_out
     mask = np.zeros(kernel_shape, np.float32)
     mask[:centre_row] = 1.0
@@ -74,23 +74,49 @@ def init_conv(key, kh, kw, features_in, features_out):
     return {"w": w, "b": jnp.zeros((features_out,))}
 
 
-def conv(params, x, padding="SAME", mask=None):
-    """2-D convolution, stride 1, ``(B, H, W, F_in) -> (B, H', W', F_out)``, as matrix products.
+def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1):
+    """2-D convolution, stride 1, whose kernel is multiplied by :func:`conv_mask`:
+    ``(B, H, W, F_in) -> (B, H', W', F_out)``.
+
+    The definition is ``lax.conv_general_dilated`` of the masked kernel.
+    The mask is a numpy constant built from static shapes, so it costs
+    nothing at run time, and masked weights get zero gradient: they stay
+    irrelevant whatever the optimiser does. ``"SAME"`` keeps the map size
+    (zeros outside the image); ``"VALID"`` is used by the fast sampler to
+    evaluate one position from a patch. Where :func:`im2col_is_faster`, the
+    same values come from :func:`im2col_conv` instead.
+    """
+    mask = conv_mask(params["w"].shape, channels, mask_type, blocks)
+    if im2col_is_faster():
+        return im2col_conv(params, x, padding, mask)
+    y = lax.conv_general_dilated(x, params["w"] * mask, window_strides=(1, 1), padding=padding,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + params["b"]
+
+
+def im2col_is_faster():
+    """Whether convolutions run as :func:`im2col_conv`: the one place that chooses.
+
+    True on XLA:CPU, where differentiating ``lax.conv_general_dilated`` with
+    so few features is slow and im2col trains every model faster (see
+    PERFORMANCE.md); elsewhere the definition runs as written.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def im2col_conv(params, x, padding="SAME", mask=None):
+    """The fast path of :func:`masked_conv`: the same convolution as one matrix product.
 
     Output ``(r, c)`` is the sum over kernel taps ``(dy, dx)`` of the
     (padded) input at ``(r + dy, c + dx)`` times the tap's
     ``(F_in, F_out)`` matrix. Only the taps that ``mask`` leaves nonzero are
     computed (a mask-B ``3 x 3`` kernel has 5 of 9): the shifted inputs of
     all ``T`` taps are stacked, ``(B, H', W', T * F_in)``, and multiplied
-    once by the stacked kernel ``(T * F_in, F_out)`` ("im2col").
-
-    On XLA:CPU this is faster to differentiate than
-    ``lax.conv_general_dilated``, whose kernel gradient is slow for these
-    few features (measured, one PixelCNN block at batch 64: 40 -> 30 ms).
-    A test checks it against ``lax.conv_general_dilated``.
-
-    ``"SAME"`` keeps the map size (zeros outside the image); ``"VALID"`` is
-    used by the fast sampler to evaluate one position from a patch.
+    once by the stacked kernel ``(T * F_in, F_out)`` ("im2col"). With
+    ``mask=None`` it is an unmasked convolution: the state-to-state
+    convolutions, which read only earlier pixels, run this way everywhere
+    (a matrix product per step inside the scans). A test keeps it equal to
+    ``lax.conv_general_dilated``, values and gradients.
     """
     w = params["w"] if mask is None else params["w"] * mask
     kh, kw = w.shape[:2]
@@ -103,16 +129,6 @@ def conv(params, x, padding="SAME", mask=None):
     return y + params["b"]
 
 
-def masked_conv(params, x, colours, mask_type, padding="SAME", blocks=1):
-    """Convolution whose kernel is multiplied by :func:`conv_mask`.
-
-    The mask is a numpy constant built from static shapes, so it costs nothing
-    at run time, and masked weights get zero gradient: they stay irrelevant
-    whatever the optimiser does.
-    """
-    return conv(params, x, padding, mask=conv_mask(params["w"].shape, colours, mask_type, blocks))
-
-
 # ---------------------------------------------------------------------------
 # The LSTM cell shared by both recurrent layers (paper equation 3)
 # ---------------------------------------------------------------------------
@@ -122,10 +138,9 @@ def lstm_cell(gates, cell_prev):
     """One LSTM update from pre-activations ``gates (..., 4h)`` and ``cell_prev (..., h)``.
 
     The gates come as four contiguous blocks ``[o | f | i | g]`` of ``h``
-    features each. (Interleaving them per unit, ``[o_0, f_0, i_0, g_0, o_1,
-    ...]``, made XLA:CPU gather every 4th value in the scans: the Row LSTM
-    and Diagonal BiLSTM recurrences ran 1.3-1.4x slower, measured.) The
-    input-to-state convolutions give each block its own colour groups, see
+    features each: contiguous slices, where gates interleaved per unit would
+    make XLA gather every 4th value inside the scans. The input-to-state
+    convolutions give each block its own colour groups, see
     :func:`conv_mask`. Returns ``(hidden, cell)``, each ``(..., h)``.
     """
     o, f, i, g = jnp.split(gates, 4, axis=-1)
@@ -158,13 +173,13 @@ def row_lstm_step(state_to_state, carry, gates_from_input):
     every position it reads is in an earlier row, so nothing needs hiding.
     """
     hidden_above, cell_above = carry
-    from_above = conv(state_to_state, hidden_above[:, None])[:, 0]     # (B, W, 4h)
+    from_above = im2col_conv(state_to_state, hidden_above[:, None])[:, 0]   # (B, W, 4h)
     gates = gates_from_input + from_above
     hidden, cell = lstm_cell(gates, cell_above)
     return (hidden, cell), hidden
 
 
-def row_lstm(params, x, colours):
+def row_lstm(params, x, channels):
     """Row LSTM layer: ``(B, H, W, 2h) -> (B, H, W, 2h)`` (before the residual add).
 
     The input-to-state ``1 x k`` convolution with mask B is computed for the
@@ -172,7 +187,7 @@ def row_lstm(params, x, colours):
     Each output sees a triangle above it (and the pixels to its left, via the
     mask-A input layer and the mask-B convolutions).
     """
-    gates_from_input = masked_conv(params["input_to_state"], x, colours, "B", blocks=4)
+    gates_from_input = masked_conv(params["input_to_state"], x, channels, "B", blocks=4)
     batch, _, width, _ = x.shape
     hidden_size = params["state_to_state"]["w"].shape[2]
     zeros = jnp.zeros((batch, width, hidden_size), x.dtype)
@@ -182,7 +197,7 @@ def row_lstm(params, x, colours):
 
     _, hidden_rows = lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_from_input, 0, 1))
     hidden = jnp.swapaxes(hidden_rows, 0, 1)
-    return masked_conv(params["output"], hidden, colours, "B")
+    return masked_conv(params["output"], hidden, channels, "B")
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +272,7 @@ def diagonal_lstm_step(state_to_state, carry, gates_from_input):
     return (hidden, cell), hidden
 
 
-def diagonal_bilstm(params, x, colours):
+def diagonal_bilstm(params, x, channels):
     """Diagonal BiLSTM layer: ``(B, H, W, 2h) -> (B, H, W, 2h)`` (before the residual add).
 
     Direction 0 scans the image's diagonals left to right; direction 1 does
@@ -277,7 +292,7 @@ def diagonal_bilstm(params, x, colours):
     """
     batch, height, width, _ = x.shape
     hidden_size = params["output"]["w"].shape[2]
-    gates = jax.vmap(lambda p: masked_conv(p, x, colours, "B", blocks=4))(params["input_to_state"])
+    gates = jax.vmap(lambda p: masked_conv(p, x, channels, "B", blocks=4))(params["input_to_state"])
     gates = gates + params["state_to_state"]["b"][:, None, None, None, :]
     gates = jnp.stack([gates[0], gates[1][:, :, ::-1]])               # (2, B, H, W, 4h)
     columns = jnp.moveaxis(skew(gates), 3, 0)                         # (W+H-1, 2, B, H, 4h)
@@ -289,7 +304,7 @@ def diagonal_bilstm(params, x, colours):
     _, hidden_columns = lax.scan(step, (zeros, zeros), columns)
     hidden = unskew(jnp.moveaxis(hidden_columns, 0, 3))               # (2, B, H, W, h)
     combined = hidden[0] + shift_down(hidden[1][:, :, ::-1])
-    return masked_conv(params["output"], combined, colours, "B")
+    return masked_conv(params["output"], combined, channels, "B")
 
 
 # ---------------------------------------------------------------------------
@@ -307,16 +322,16 @@ def init_pixelcnn_block(key, features, hidden):
     }
 
 
-def pixelcnn_block(params, x, colours):
+def pixelcnn_block(params, x, channels):
     """ReLU, 1x1, ReLU, 3x3 mask B, ReLU, 1x1: ``(B, H, W, 2h) -> (B, H, W, 2h)``.
 
     Stacked ``3 x 3`` masks grow a receptive field that misses a wedge of
     pixels up and to the right (the "blind spot"); the PixelRNN layers do
     not have it. That is the model as published, and a test checks it.
     """
-    y = masked_conv(params["reduce"], jax.nn.relu(x), colours, "B")
-    y = masked_conv(params["masked"], jax.nn.relu(y), colours, "B")
-    return masked_conv(params["expand"], jax.nn.relu(y), colours, "B")
+    y = masked_conv(params["reduce"], jax.nn.relu(x), channels, "B")
+    y = masked_conv(params["masked"], jax.nn.relu(y), channels, "B")
+    return masked_conv(params["expand"], jax.nn.relu(y), channels, "B")
 
 
 # ---------------------------------------------------------------------------
@@ -333,12 +348,12 @@ def init_output_head(key, features, out_hidden, out_features):
     }
 
 
-def output_head(params, x, colours):
+def output_head(params, x, channels):
     """ReLU, 1x1 mask B, ReLU, 1x1 mask B: ``(B, H, W, F) -> (B, H, W, out_features)``.
 
     The output features are ordered colour-major (all of R's logits, then
     G's, then B's), so mask B lets colour ``c``'s logits read only features
     of groups ``<= c``.
     """
-    y = masked_conv(params["hidden"], jax.nn.relu(x), colours, "B")
-    return masked_conv(params["logits"], jax.nn.relu(y), colours, "B")
+    y = masked_conv(params["hidden"], jax.nn.relu(x), channels, "B")
+    return masked_conv(params["logits"], jax.nn.relu(y), channels, "B")
