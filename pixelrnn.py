@@ -17,10 +17,14 @@ Every model is the same sandwich (paper Table 1): a 7x7 mask-A convolution,
 BiLSTM or PixelCNN blocks, from ``layers.py``), optional skip connections
 and a two-layer 1x1 mask-B output head giving each colour a distribution
 over ``levels`` values.
+
+The file has two halves: the model (``Config`` to ``log_prob``), then the
+samplers that draw from it (the reference sampler, then the fast one).
 """
 
 import dataclasses
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +34,12 @@ import layers
 
 MODELS = ("rowlstm", "diagbilstm", "pixelcnn")
 
+# The depth of each of the paper's MNIST models: the default of Config.layers.
+PAPER_LAYERS = {"rowlstm": 7, "diagbilstm": 7, "pixelcnn": 15}
+HIDDEN, OUT_HIDDEN = 16, 32      # defaults of Config.hidden and Config.out_hidden
+
 # Each model's hidden layer, as an (init, apply) pair from layers.py.
-LAYERS = {
+HIDDEN_LAYERS = {
     "rowlstm": (layers.init_row_lstm, layers.row_lstm),
     "diagbilstm": (layers.init_diagonal_bilstm, layers.diagonal_bilstm),
     "pixelcnn": (layers.init_pixelcnn_block, layers.pixelcnn_block),
@@ -44,9 +52,20 @@ class Config:
 
     ``hidden`` is h of the paper: the recurrent state size (PixelCNN: the
     width inside a block); the residual stream carries ``2h`` features.
-    ``skip`` sums every hidden layer's output into the head; ``residual``
-    adds each layer's output to its input. An invalid value raises
-    ``ValueError`` naming the field, as soon as the config is built.
+    Left out (``None``), ``layers`` is the paper's depth for the model
+    (``PAPER_LAYERS``: 7, or 15 for PixelCNN) and ``hidden`` and
+    ``out_hidden`` are 16 and 32, rounded up to a multiple of ``channels``
+    (RGB features are split into three colour groups: 18 and 33).
+
+    ``residual`` adds each layer's output to its input (paper section 3.4).
+    ``skip`` feeds the head the sum of the residual stream after every
+    layer, so that each layer reaches the output directly; without it the
+    head reads the last layer's stream. (The paper's skip connections,
+    section 3.4, are learnable, one per layer; here the head's first 1x1
+    convolution is the one learnable map applied to their sum.)
+
+    An invalid value raises ``ValueError`` naming the field, as soon as the
+    config is built.
     """
 
     model: str = "rowlstm"
@@ -54,21 +73,27 @@ class Config:
     width: int = 28
     channels: int = 1
     levels: int = 2
-    hidden: int = 16
-    layers: int = 7
+    hidden: int = None
+    layers: int = None
     skip: bool = True
     residual: bool = True
-    out_hidden: int = 32
+    out_hidden: int = None
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"Config.model={self.model!r}: must be one of {', '.join(MODELS)}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"Config.channels={self.channels!r}: must be 1 (grey) or 3 (RGB)")
+        defaults = {"layers": PAPER_LAYERS[self.model],
+                    "hidden": -(-HIDDEN // self.channels) * self.channels,
+                    "out_hidden": -(-OUT_HIDDEN // self.channels) * self.channels}
+        for field, value in defaults.items():
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, value)     # frozen: set once, here
         for field in ("height", "width", "hidden", "layers", "out_hidden"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Config.{field}={value!r}: must be a positive integer")
-        if self.channels not in (1, 3):
-            raise ValueError(f"Config.channels={self.channels!r}: must be 1 (grey) or 3 (RGB)")
         if not isinstance(self.levels, int) or self.levels < 2:
             raise ValueError(f"Config.levels={self.levels!r}: must be an integer >= 2")
         for field in ("hidden", "out_hidden"):
@@ -94,7 +119,7 @@ def init(key, cfg):
     ``"layers"`` is a list with one parameter dict per hidden layer.
     """
     k_input, k_layers, k_head = jax.random.split(key, 3)
-    init_layer, _ = LAYERS[cfg.model]
+    init_layer, _ = HIDDEN_LAYERS[cfg.model]
     return {
         "input": layers.init_conv(k_input, 7, 7, cfg.channels, cfg.features),
         "layers": [init_layer(k, cfg.features, cfg.hidden)
@@ -104,9 +129,38 @@ def init(key, cfg):
     }
 
 
+def parameter_count(params):
+    """The number of scalars in a parameter tree."""
+    return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
 def preprocess(cfg, images):
     """Integer images ``(B, H, W, C)`` in ``[0, levels)`` -> floats in ``[-1, 1]``."""
     return images.astype(jnp.float32) * (2.0 / (cfg.levels - 1)) - 1.0
+
+
+def layer_stack(params, cfg, stream, apply_layer):
+    """The hidden layers with their residual and skip connections, then the output head.
+
+    ``stream (..., 2h)`` is the input layer's output; ``apply_layer(i,
+    stream) -> (output, extra)`` runs hidden layer ``i`` (on whole maps in
+    :func:`network`, at one pixel in the fast sampler, which keeps each
+    layer's ``extra`` values for its caches). Returns the logits
+    ``(..., C, levels)`` and the list of ``extra`` values.
+
+    A Python loop, unrolled when traced, rather than a ``lax.scan`` over
+    stacked parameters: each layer keeps its own named parameters (the
+    checkpoint's ``params/layers/<i>/...``), and compiling 15 unrolled
+    layers takes seconds.
+    """
+    skip_sum, extras = 0.0, []
+    for i in range(cfg.layers):
+        out, extra = apply_layer(i, stream)
+        stream = stream + out if cfg.residual else out
+        skip_sum = skip_sum + stream
+        extras.append(extra)
+    head_output = layers.output_head(params["head"], skip_sum if cfg.skip else stream, cfg.channels)
+    return head_to_logits(cfg, head_output), extras
 
 
 def network(params, cfg, x):
@@ -115,18 +169,13 @@ def network(params, cfg, x):
     Separate from :func:`logits` so the tests can differentiate the logits
     with respect to the input and prove the model causal.
     """
-    _, apply_layer = LAYERS[cfg.model]
+    _, apply_layer = HIDDEN_LAYERS[cfg.model]
+
+    def hidden_layer(i, stream):
+        return apply_layer(params["layers"][i], stream, cfg.channels), None
+
     stream = layers.masked_conv(params["input"], x, cfg.channels, "A")
-    skip_sum = 0.0
-    # A Python loop over layers, not a scan over stacked parameters: XLA:CPU
-    # differentiated convolutions inside a scan about 25x slower (measured
-    # with lax.conv_general_dilated, before layers.conv became matmuls).
-    for layer_params in params["layers"]:
-        out = apply_layer(layer_params, stream, cfg.channels)
-        stream = stream + out if cfg.residual else out
-        skip_sum = skip_sum + stream
-    head_input = skip_sum if cfg.skip else stream
-    return head_to_logits(cfg, layers.output_head(params["head"], head_input, cfg.channels))
+    return layer_stack(params, cfg, stream, hidden_layer)[0]
 
 
 def head_to_logits(cfg, head_output):
@@ -152,18 +201,26 @@ def logits(params, cfg, images):
 
 
 def log_prob(params, cfg, images):
-    """Exact log-likelihood in nats of each image ``(B, H, W, C)`` -> ``(B,)``."""
+    """Exact log-likelihood in nats of each image ``(B, H, W, C)`` -> ``(B,)``.
+
+    A value outside ``[0, levels)`` is impossible under the model: an image
+    holding one has probability 0, log-likelihood ``-inf`` (never a value
+    wrapped into range).
+    """
     log_p = jax.nn.log_softmax(logits(params, cfg, images))
-    observed = jnp.take_along_axis(log_p, images[..., None].astype(jnp.int32), axis=-1)
-    return observed.sum(axis=(1, 2, 3, 4))
+    index = jnp.asarray(images)[..., None].astype(jnp.int32)
+    observed = jnp.take_along_axis(log_p, jnp.clip(index, 0, cfg.levels - 1), axis=-1)
+    possible = (index >= 0) & (index < cfg.levels)
+    return jnp.where(possible, observed, -jnp.inf).sum(axis=(1, 2, 3, 4))
 
 
-# ---------------------------------------------------------------------------
-# Sampling: ancestral, one channel of one pixel at a time (paper section 2)
-# ---------------------------------------------------------------------------
+# ===========================================================================
+# Sampling (paper section 2): ancestral, one channel of one pixel at a time.
+# Everything above defines the model; everything below draws from it.
+# ===========================================================================
 
 
-def draw(cfg, key, step, step_logits):
+def draw(key, step, step_logits):
     """The value of sub-pixel ``step`` (raster index * C + channel) from ``step_logits (B, levels)``.
 
     The key is folded with the step index, so every sampler that visits the
@@ -177,13 +234,13 @@ def fill_reference(params, cfg, key, canvas, start):
 
     ``canvas (B, H, W, C)`` int32 holds the given pixels; returns it filled.
     Exact and simple, and ``H * W * C`` forward passes: the readable
-    reference that the tests compare against.
+    reference that the tests compare the fast sampler against.
     """
     def step(t, canvas):
         position, channel = jnp.divmod(t, cfg.channels)
         row, col = jnp.divmod(position, cfg.width)
         step_logits = logits(params, cfg, canvas)[:, row, col, channel]
-        return canvas.at[:, row, col, channel].set(draw(cfg, key, t, step_logits))
+        return canvas.at[:, row, col, channel].set(draw(key, t, step_logits))
 
     return lax.fori_loop(start, cfg.height * cfg.width * cfg.channels, step, canvas)
 
@@ -200,7 +257,7 @@ def complete_reference(params, cfg, key, images, known):
 
 
 # ---------------------------------------------------------------------------
-# Fast sampling: one position at a time, reading cached activations (DESIGN.md "Sampling")
+# The fast sampler: one position at a time, reading cached activations
 # ---------------------------------------------------------------------------
 #
 # The reference sampler recomputes every layer at every position for every
@@ -227,9 +284,8 @@ def complete_reference(params, cfg, key, images, known):
 #
 # A pixel reads only ``above`` and ``left`` and its values are stored into
 # ``row`` and ``left`` after its last colour, so no cache is read and written
-# in the same step and XLA updates them in place. (Reading and writing one
-# full map in the same step made XLA:CPU copy the map at every step: 64 Row
-# LSTM samples took 20-30 s instead of half a second. Measured.)
+# in the same step and XLA updates them in place (a map read and written in
+# one step would be copied at every step).
 #
 # RGB: colour g of pixel p recomputes every feature at p from the colours
 # < g drawn so far. Features of groups > g are garbage until their colour is
@@ -237,15 +293,15 @@ def complete_reference(params, cfg, key, images, known):
 # and the values stored after the last colour are the full forward pass's.
 
 
-def _conv_at(params, patch, cfg, mask_type="B", blocks=1):
+def _conv_at(params, cfg, patch, mask_type="B", blocks=1):
     """A masked ``k x k'`` convolution at the centre of ``patch (B, k, k', F)`` -> ``(B, 1, 1, F')``."""
     return layers.masked_conv(params, patch, cfg.channels, mask_type, padding="VALID", blocks=blocks)
 
 
-def _centred(row_map, col, width):
-    """Pixels ``col - width // 2 .. col + width // 2`` of a row cache ``(B, 1, W + 2, F)``."""
-    start = col + 1 - width // 2
-    return lax.dynamic_slice(row_map, (0, 0, start, 0), (row_map.shape[0], 1, width, row_map.shape[3]))
+def _centred(row_map, col, span):
+    """Pixels ``col - span // 2 .. col + span // 2`` of a row cache ``(B, 1, W + 2, F)``."""
+    start = col + 1 - span // 2
+    return lax.dynamic_slice(row_map, (0, 0, start, 0), (row_map.shape[0], 1, span, row_map.shape[3]))
 
 
 def _own_row(left, centre):
@@ -274,8 +330,9 @@ def _next_row(cache):
     return dict(cache, above=cache["row"], left=jax.tree.map(jnp.zeros_like, cache["left"]))
 
 
-# PixelCNN block: the 3x3 convolution reads the block's reduced (2h -> h)
-# features at the 3 pixels above and the one to the left.
+# PixelCNN block at one pixel; the full form is layers.pixelcnn_block. The 3x3
+# convolution reads the block's reduced (2h -> h) features at the 3 pixels
+# above and the one to the left.
 
 def _pixelcnn_cache(cfg, batch):
     return _layer_cache(cfg, batch, reduced=cfg.hidden)
@@ -283,17 +340,18 @@ def _pixelcnn_cache(cfg, batch):
 
 def _pixelcnn_at(params, cfg, cache, x, col):
     """:func:`layers.pixelcnn_block` at pixel ``col`` of the current row, from its input ``x (B, 1, 1, 2h)``."""
-    reduced = _conv_at(params["reduce"], jax.nn.relu(x), cfg)
+    reduced = _conv_at(params["reduce"], cfg, jax.nn.relu(x))
     below = jnp.zeros((x.shape[0], 1, 3, reduced.shape[3]))               # the future
     patch = jnp.concatenate([_centred(cache["above"]["reduced"], col, 3),
                              _own_row(cache["left"]["reduced"], reduced), below], axis=1)
-    y = _conv_at(params["masked"], jax.nn.relu(patch), cfg)
-    return _conv_at(params["expand"], jax.nn.relu(y), cfg), {"reduced": reduced}
+    y = _conv_at(params["masked"], cfg, jax.nn.relu(patch))
+    return _conv_at(params["expand"], cfg, jax.nn.relu(y)), {"reduced": reduced}
 
 
-# Row LSTM: the 1x3 input-to-state convolution reads the layer input at the
-# pixel and to its left; the 1x3 state-to-state convolution the hidden state
-# of the 3 pixels above; the cell update the cell state above.
+# Row LSTM at one pixel; the full form is layers.row_lstm. The 1x3
+# input-to-state convolution reads the layer input at the pixel and to its
+# left; the 1x3 state-to-state convolution the hidden state of the 3 pixels
+# above; the cell update the cell state above.
 
 def _lstm_cache(cfg, batch):
     return _layer_cache(cfg, batch, input=cfg.features, hidden=cfg.hidden, cell=cfg.hidden)
@@ -302,16 +360,18 @@ def _lstm_cache(cfg, batch):
 def _row_lstm_at(params, cfg, cache, x, col):
     """:func:`layers.row_lstm` at pixel ``col`` of the current row, from its input ``x (B, 1, 1, 2h)``."""
     above, left = cache["above"], cache["left"]
-    gates = (_conv_at(params["input_to_state"], _own_row(left["input"], x), cfg, blocks=4)
-             + layers.conv(params["state_to_state"], _centred(above["hidden"], col, 3), padding="VALID"))
+    gates = (_conv_at(params["input_to_state"], cfg, _own_row(left["input"], x), blocks=4)
+             + layers.im2col_conv(params["state_to_state"], _centred(above["hidden"], col, 3),
+                                  padding="VALID"))
     hidden, cell = layers.lstm_cell(gates, _centred(above["cell"], col, 1))
-    return _conv_at(params["output"], hidden, cfg), {"input": x, "hidden": hidden, "cell": cell}
+    return _conv_at(params["output"], cfg, hidden), {"input": x, "hidden": hidden, "cell": cell}
 
 
-# Diagonal BiLSTM. Unskewed, the forward direction at (r, c) reads the state
-# above it and to its left. The mirrored direction reads the state above and
-# to the right, so pixel (r, c) uses it shifted down one row, at (r-1, c): it
-# is computed for a whole row, right to left, as soon as the row is complete
+# Diagonal BiLSTM at one pixel; the full form is layers.diagonal_bilstm.
+# Unskewed, the forward direction at (r, c) reads the state above it and to
+# its left. The mirrored direction reads the state above and to the right,
+# so pixel (r, c) uses it shifted down one row, at (r-1, c): it is computed
+# for a whole row, right to left, as soon as the row is complete
 # (:func:`_diagonal_finish_row`), and cached as ``mirrored`` for the next row.
 
 def _diagonal_cache(cfg, batch):
@@ -325,7 +385,7 @@ def _direction(params, d):
             for name in ("input_to_state", "state_to_state")}
 
 
-def _diagonal_gates(direction, x, state_above, state_beside, cfg):
+def _diagonal_gates(direction, cfg, x, state_above, state_beside):
     """Gate pre-activations of one direction at one pixel, all ``(B, 1, 1, .)``.
 
     The state-to-state kernel is ``2 x 1``: row 0 reads the state above,
@@ -333,18 +393,18 @@ def _diagonal_gates(direction, x, state_above, state_beside, cfg):
     mirrored one).
     """
     states = jnp.concatenate([state_above, state_beside], axis=1)   # (B, 2, 1, h)
-    return (_conv_at(direction["input_to_state"], x, cfg, blocks=4)
-            + layers.conv(direction["state_to_state"], states, padding="VALID"))
+    return (_conv_at(direction["input_to_state"], cfg, x, blocks=4)
+            + layers.im2col_conv(direction["state_to_state"], states, padding="VALID"))
 
 
 def _diagonal_at(params, cfg, cache, x, col):
     """:func:`layers.diagonal_bilstm` at pixel ``col`` of the current row, from its input ``x (B, 1, 1, 2h)``."""
     above, left = cache["above"], cache["left"]
-    gates = _diagonal_gates(_direction(params, 0), x, _centred(above["hidden"], col, 1),
-                            left["hidden"], cfg)
+    gates = _diagonal_gates(_direction(params, 0), cfg, x, _centred(above["hidden"], col, 1),
+                            left["hidden"])
     hidden, cell = layers.lstm_cell(gates, left["cell"])
     mirrored = _centred(cache["mirrored"], col, 1)                # (r-1, c): shifted down
-    return (_conv_at(params["output"], hidden + mirrored, cfg),
+    return (_conv_at(params["output"], cfg, hidden + mirrored),
             {"input": x, "hidden": hidden, "cell": cell})
 
 
@@ -359,7 +419,7 @@ def _diagonal_finish_row(params, cfg, cache):
 
     def step(right, column):   # right: (hidden, cell) of the pixel to the right
         x, hidden_above = column
-        gates = _diagonal_gates(mirrored, x, hidden_above, right[0], cfg)
+        gates = _diagonal_gates(mirrored, cfg, x, hidden_above, right[0])
         hidden, cell = layers.lstm_cell(gates, right[1])
         return (hidden, cell), hidden
 
@@ -386,16 +446,76 @@ def network_at(params, cfg, patch, caches, col):
     logits ``(B, C, levels)`` and each layer's values at the pixel.
     """
     _, layer_at, _ = FAST_LAYERS[cfg.model]
-    stream = _conv_at(params["input"], patch, cfg, "A")
-    skip_sum = 0.0
-    values = []
-    for layer_params, cache in zip(params["layers"], caches):
-        out, layer_values = layer_at(layer_params, cfg, cache, stream, col)
-        values.append(layer_values)
-        stream = stream + out if cfg.residual else out
-        skip_sum = skip_sum + stream
-    head = layers.output_head(params["head"], skip_sum if cfg.skip else stream, cfg.channels)
-    return head_to_logits(cfg, head)[:, 0, 0], values
+
+    def hidden_layer(i, stream):
+        return layer_at(params["layers"][i], cfg, caches[i], stream, col)
+
+    stream = _conv_at(params["input"], cfg, patch, "A")
+    pixel_logits, values = layer_stack(params, cfg, stream, hidden_layer)
+    return pixel_logits[:, 0, 0], values
+
+
+class Sampling(typing.NamedTuple):
+    """What every step of :func:`fill` reads: the model, the key, and the
+    first sub-pixel to draw (those before it are given)."""
+    params: dict
+    cfg: Config
+    key: jax.Array
+    start: jax.Array
+
+
+def sample_colour(s, row, col, caches, canvas, inputs):
+    """Colour ``c`` of pixel ``(row, col)``: the network at the pixel, then the value.
+
+    ``canvas (B, H + 6, W + 6, C)`` float: the preprocessed image so far,
+    pixel ``(r, c)`` at ``(r + 3, c + 3)`` (zero padding for the 7x7 input
+    layer). ``inputs = (c, given (B,))``. The value is ``given`` for a
+    sub-pixel before ``s.start``, else drawn. Returns the canvas with the
+    value written and ``(value (B,), logits (B, levels), values)``, where
+    ``values`` are the layers' values at the pixel (to cache after the last
+    colour).
+    """
+    colour, given = inputs
+    cfg = s.cfg
+    t = (row * cfg.width + col) * cfg.channels + colour
+    patch = lax.dynamic_slice(canvas, (0, row, col, 0), (canvas.shape[0], 7, 7, cfg.channels))
+    pixel_logits, values = network_at(s.params, cfg, patch, caches, col)
+    step_logits = pixel_logits[:, colour]
+    value = jnp.where(t < s.start, given, draw(s.key, t, step_logits))
+    canvas = canvas.at[:, row + 3, col + 3, colour].set(preprocess(cfg, value))
+    return canvas, (value, step_logits, values)
+
+
+def sample_pixel(s, row, carry, inputs):
+    """Pixel ``(row, col)``: scan its colours, then cache the layers' values there.
+
+    ``carry = (canvas, caches)`` (see :func:`sample_colour`; one cache per
+    hidden layer), ``inputs = (col, given (B, C))``. Returns the new carry
+    and ``(values (C, B), logits (C, B, levels))``.
+    """
+    canvas, caches = carry
+    col, given = inputs
+    canvas, (values, step_logits, layer_values) = lax.scan(
+        functools.partial(sample_colour, s, row, col, caches), canvas,
+        (jnp.arange(s.cfg.channels), jnp.moveaxis(given, 1, 0)))
+    last_colour = jax.tree.map(lambda v: v[-1], layer_values)
+    caches = [_store(cache, v, col) for cache, v in zip(caches, last_colour)]
+    return (canvas, caches), (values, step_logits)
+
+
+def sample_row(s, carry, inputs):
+    """Image row ``row``: scan its pixels, then move every cache on to the next row.
+
+    ``carry = (canvas, caches)``, ``inputs = (row, given (B, W, C))``.
+    Returns the new carry and ``(values (W, C, B), logits (W, C, B, levels))``.
+    """
+    row, given = inputs
+    (canvas, caches), outputs = lax.scan(functools.partial(sample_pixel, s, row), carry,
+                                         (jnp.arange(s.cfg.width), jnp.moveaxis(given, 1, 0)))
+    _, _, finish_row = FAST_LAYERS[s.cfg.model]
+    if finish_row is not None:
+        caches = [finish_row(p, s.cfg, cache) for p, cache in zip(s.params["layers"], caches)]
+    return (canvas, [_next_row(cache) for cache in caches]), outputs
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -409,47 +529,18 @@ def fill(params, cfg, key, images, start):
     from (before ``start``: would have been). With ``start = H * W * C`` they
     are :func:`logits` of ``images``, computed pixel by pixel (teacher forcing).
 
-    Three nested scans: rows, the row's pixels, the pixel's colours.
+    Three scans, one inside the other: :func:`sample_row` over the rows,
+    :func:`sample_pixel` over a row's pixels, :func:`sample_colour` over a
+    pixel's colours.
     """
     batch = images.shape[0]
-    make_cache, _, finish_row = FAST_LAYERS[cfg.model]
-    # The input layer's 7x7 patches: pixel (r, c) at (r + 3, c + 3), zero padded.
+    make_cache, _, _ = FAST_LAYERS[cfg.model]
     canvas = jnp.zeros((batch, cfg.height + 6, cfg.width + 6, cfg.channels))
-    caches = [make_cache(cfg, batch) for _ in params["layers"]]
-
-    # The given images stream in and the filled ones stream out, one
-    # sub-pixel per step: scanned over, not carried.
-    def colour_step(row, col, caches, state, inputs):
-        canvas, _ = state
-        colour, given = inputs                                             # given: (B,)
-        t = (row * cfg.width + col) * cfg.channels + colour
-        patch = lax.dynamic_slice(canvas, (0, row, col, 0), (batch, 7, 7, cfg.channels))
-        pixel_logits, values = network_at(params, cfg, patch, caches, col)
-        step_logits = pixel_logits[:, colour]                              # (B, levels)
-        value = jnp.where(t < start, given, draw(cfg, key, t, step_logits))
-        canvas = canvas.at[:, row + 3, col + 3, colour].set(preprocess(cfg, value))
-        return (canvas, values), (value, step_logits)
-
-    def pixel(row, state, inputs):
-        canvas, caches = state
-        col, given = inputs                                                # given: (B, C)
-        lefts = [cache["left"] for cache in caches]        # any values of the right shapes
-        (canvas, values), outputs = lax.scan(
-            functools.partial(colour_step, row, col, caches), (canvas, lefts),
-            (jnp.arange(cfg.channels), jnp.moveaxis(given, 1, 0)))
-        caches = [_store(cache, v, col) for cache, v in zip(caches, values)]
-        return (canvas, caches), outputs
-
-    def image_row(state, inputs):
-        row, given = inputs                                                # given: (B, W, C)
-        (canvas, caches), outputs = lax.scan(
-            functools.partial(pixel, row), state, (jnp.arange(cfg.width), jnp.moveaxis(given, 1, 0)))
-        if finish_row is not None:
-            caches = [finish_row(p, cfg, cache) for p, cache in zip(params["layers"], caches)]
-        return (canvas, [_next_row(cache) for cache in caches]), outputs
-
+    caches = [make_cache(cfg, batch) for _ in range(cfg.layers)]
     given = jnp.moveaxis(images.astype(jnp.int32), 1, 0)                   # (H, B, W, C)
-    _, (values, step_logits) = lax.scan(image_row, (canvas, caches), (jnp.arange(cfg.height), given))
+    _, (values, step_logits) = lax.scan(
+        functools.partial(sample_row, Sampling(params, cfg, key, start)), (canvas, caches),
+        (jnp.arange(cfg.height), given))
     # Stacked (H, W, C, B, ...): move the batch axis first.
     return jnp.moveaxis(values, 3, 0), jnp.moveaxis(step_logits, 3, 0)
 
