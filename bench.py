@@ -19,28 +19,27 @@ The machine's dense fp32 matmul GFLOP/s is measured in the same run, so each
 figure also reads as a fraction of the machine. Run it on an otherwise idle
 machine: the cores are shared.
 
-On a shared virtual machine the figures move by 15-30 % from one process to
-the next (measured: Row LSTM 118-184 img/s over a dozen runs in one day),
-far more than between the timed steps of one process. ``--processes N``
-runs the whole benchmark in N fresh processes, one after another, and
-reports each figure's median and the range of images/s.
+On a shared virtual machine the figures move more from one process to the
+next than between the timed steps of one process (PERFORMANCE.md has the
+spreads measured). ``--processes N`` runs the whole benchmark in N fresh
+processes, one after another, and reports each figure's median and the
+range of images/s.
 """
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import checkpoint
 import layers
 import pixelrnn
-import train
+import training
 
 MODELS = pixelrnn.MODELS
 BATCH_SIZE = 64
@@ -48,6 +47,8 @@ TIMED_STEPS = 10
 WARM_UP_STEPS = 3         # the first steps also grow malloc's heap to its working size
 SAMPLES = 64
 REFERENCE_STEPS = 16      # reference-sampler steps actually timed, then extrapolated
+INK = 0.13                # fraction of binarized MNIST pixels that are 1 (mean intensity 33.4 / 255)
+PROGRAM = "bench.py"
 
 
 def median_seconds(run, repeats):
@@ -69,7 +70,7 @@ def matmul_gflops(size=2048):
 
 
 def taps(kh, kw, mask_type="B"):
-    """Kernel taps a masked ``kh x kw`` convolution computes (``layers.conv`` skips the hidden ones)."""
+    """Kernel taps a masked ``kh x kw`` convolution computes (``layers.im2col_conv`` skips the hidden ones)."""
     return int(layers.conv_mask((kh, kw, 1, 1), 1, mask_type).any(axis=(2, 3)).sum())
 
 
@@ -94,23 +95,18 @@ def forward_flops(cfg):
     return 2 * (input_layer + cfg.layers * layer + head)
 
 
-def default_config(model):
-    return pixelrnn.Config(model=model, layers=train.LAYERS[model], hidden=train.HIDDEN,
-                           out_hidden=train.OUT_HIDDEN)
-
-
 def bench_training(cfg, batch_size):
-    """``(compile seconds, images per second)`` of train.py's own update step."""
-    settings = dict(train.DEFAULTS, batch_size=batch_size)
-    mesh = train.make_mesh(settings, batch_size)
-    optimizer = train.make_optimizer(settings)
+    """``(compile seconds, images per second)`` of train.py's own update step, with its defaults."""
+    mesh = training.make_mesh(batch_size, batch_size)
+    optimizer = training.make_optimizer(training.DEFAULTS)
     params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
     state = {"params": params, "opt_state": optimizer.init(params)}
     rng = np.random.default_rng(0)
-    images = train.put_batch((rng.random((batch_size, cfg.height, cfg.width, 1)) < 0.13).astype(np.int32), mesh)
+    images = (rng.random((batch_size, cfg.height, cfg.width, 1)) < INK).astype(np.int32)
+    images = training.put_batch(images, mesh)
 
     start = time.perf_counter()
-    step = train.make_train_step(cfg, optimizer, mesh).lower(state, images).compile()
+    step = training.make_train_step(cfg, optimizer, mesh).lower(state, images).compile()
     compile_seconds = time.perf_counter() - start
 
     holder = [state]                                  # keeps the state alive for donation
@@ -142,7 +138,7 @@ def bench_sampling(cfg, num):
 
 
 def bench_model(model, batch_size, machine_gflops, sampling=True):
-    cfg = default_config(model)
+    cfg = pixelrnn.Config(model=model)
     compile_seconds, images_per_second = bench_training(cfg, batch_size)
     flops = forward_flops(cfg)
     achieved = 3 * flops * images_per_second / 1e9
@@ -222,22 +218,23 @@ def print_table(machine_gflops, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = checkpoint.OneLineParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--batch-size", type=train.number(int, 1), default=BATCH_SIZE)
-    parser.add_argument("--host-devices", type=train.number(int, 1), default=train.HOST_DEVICES,
+    parser.add_argument("--batch-size", type=checkpoint.number(int, 1), default=BATCH_SIZE)
+    parser.add_argument("--host-devices", type=checkpoint.number(int, 1),
+                        default=training.HOST_DEVICES,
                         help="CPU devices to split the batch over, as train.py does")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
     parser.add_argument("--no-sampling", dest="sampling", action="store_false",
                         help="time the train step only")
-    parser.add_argument("--processes", type=train.number(int, 1), default=1,
+    parser.add_argument("--processes", type=checkpoint.number(int, 1), default=1,
                         help="run in this many fresh processes, one after another; report medians")
     args = parser.parse_args(argv)
 
     if args.processes > 1:
         machine_gflops, rows = bench_in_processes(args)
     else:
-        train.set_up_devices(types.SimpleNamespace(distributed=False, host_devices=args.host_devices))
+        training.set_up_devices(args.host_devices)
         machine_gflops = matmul_gflops()
         rows = [bench_model(model, args.batch_size, machine_gflops, args.sampling)
                 for model in args.models]
@@ -252,5 +249,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except train.UserError as e:         # e.g. a batch size the devices cannot split
-        train.fail(e, program="bench.py")
+    except checkpoint.UserError as e:         # e.g. a batch size the devices cannot split
+        checkpoint.fail(e, PROGRAM)

@@ -14,9 +14,9 @@ Datasets (``DATASETS``), all loaded from local files, nothing downloaded:
   machine; training draws a fresh one for every batch of every epoch (or one
   fixed one: ``binarize="fixed"``, the paper's protocol).
 - ``mnist256``: the same digits as 8-bit levels (a 256-way softmax).
-- ``cifar10``: the python version of CIFAR-10 (``cifar-10-batches-py``).
-- ``idx``, ``idx-binary``: MNIST-format IDX files (MNIST, Fashion-MNIST, ...),
-  8-bit or binarized.
+- ``cifar10``: the python version of CIFAR-10 (``cifar-10-batches-py``), from ``data_dir``.
+- ``idx``, ``idx-binary``: MNIST-format IDX files (MNIST, Fashion-MNIST, ...)
+  from ``data_dir``, 8-bit or binarized.
 
 For the datasets read from ``data_dir`` the validation set is the last sixth
 of the official training set (for MNIST's 60,000 images exactly the embedded
@@ -57,7 +57,8 @@ class DataError(Exception):
 
 
 def load_mnist_npz(data_dir=None):
-    """The embedded MNIST (``data/mnist.npz``, see its README for provenance)."""
+    """MNIST as ``mnist.npz`` in ``data_dir``, by default the embedded copy (``data/mnist.npz``;
+    its provenance is in the README, section Data)."""
     path = pathlib.Path(data_dir or EMBEDDED_DIR) / "mnist.npz"
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -105,7 +106,7 @@ def read_cifar10_batch(path):
 
 def load_cifar10(data_dir):
     """CIFAR-10 from ``data_dir`` or ``data_dir/cifar-10-batches-py``."""
-    directory = pathlib.Path(data_dir or ".")
+    directory = pathlib.Path(data_dir)
     if not (directory / "data_batch_1").is_file() and (directory / "cifar-10-batches-py").is_dir():
         directory = directory / "cifar-10-batches-py"
     train = [read_cifar10_batch(find_file(directory, [f"data_batch_{i}"])) for i in range(1, 6)]
@@ -134,7 +135,7 @@ def read_idx_images(path):
 
 def load_idx(data_dir):
     """``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte`` (each raw or ``.gz``)."""
-    directory = pathlib.Path(data_dir or ".")
+    directory = pathlib.Path(data_dir)
     train, test = (read_idx_images(find_file(directory, [f"{name}-images-idx3-ubyte.gz",
                                                          f"{name}-images-idx3-ubyte"]))
                    for name in ("train", "t10k"))
@@ -151,14 +152,17 @@ class DatasetSpec:
     channels: int
     levels: int
     load: callable
+    files: str = None     # what data_dir must hold, for datasets that are not embedded
 
 
+IDX_FILES = "train-images-idx3-ubyte and t10k-images-idx3-ubyte (raw or .gz)"
 DATASETS = {
     "mnist": DatasetSpec(1, 2, load_mnist_npz),
     "mnist256": DatasetSpec(1, 256, load_mnist_npz),
-    "cifar10": DatasetSpec(3, 256, load_cifar10),
-    "idx": DatasetSpec(1, 256, load_idx),
-    "idx-binary": DatasetSpec(1, 2, load_idx),
+    "cifar10": DatasetSpec(3, 256, load_cifar10, "CIFAR-10's python version (data_batch_1 to "
+                                                 "data_batch_5 and test_batch)"),
+    "idx": DatasetSpec(1, 256, load_idx, IDX_FILES),
+    "idx-binary": DatasetSpec(1, 2, load_idx, IDX_FILES),
 }
 
 
@@ -202,11 +206,15 @@ def load_dataset(name, data_dir=None, binarize_train="fresh"):
 
     ``binarize_train`` (binary datasets only): ``"fresh"`` draws a new
     binarization of every training batch, ``"fixed"`` binarizes the training
-    set once. Raises ``DataError`` for unknown names and unreadable files.
+    set once. Raises ``DataError`` for unknown names, a missing ``data_dir``
+    for a dataset that is not embedded, and unreadable files.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     spec = DATASETS[name]
+    if spec.files and data_dir is None:
+        raise DataError(f"the {name} dataset is not embedded: give --data-dir, a folder "
+                        f"holding {spec.files}")
     splits = spec.load(data_dir)
     if splits["train"].shape[-1] != spec.channels:
         raise DataError(f"{name}: images have {splits['train'].shape[-1]} channels, "
@@ -307,14 +315,20 @@ def png_bytes(image):
             + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 9)) + chunk(b"IEND", b""))
 
 
-def save_png(path, image):
-    """Write ``image`` (uint8 ``(H, W)`` or ``(H, W, 3)``) to ``path`` as a PNG, atomically."""
+def save_png(path, image, scale=1):
+    """Write ``image`` (uint8 ``(H, W)`` or ``(H, W, 3)``) to ``path`` as a PNG, atomically.
+
+    ``scale`` enlarges it by nearest neighbour: every pixel becomes a
+    ``scale x scale`` block, so that a 28x28 digit is not a speck on screen.
+    """
+    image = np.repeat(np.repeat(np.asarray(image), scale, axis=0), scale, axis=1)
     data = png_bytes(image)
     with atomic_write(path) as f:
         f.write(data)
 
 
 GRID_PAD_VALUE = 128  # mid grey: visible between white-on-black digits and photos alike
+GRID_SCALE = 4        # screen pixels per image pixel: an 8x8 grid of MNIST digits is 932 px wide
 
 
 def image_grid(images, levels, rows=None, pad=1):

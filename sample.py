@@ -1,9 +1,12 @@
 """Draw samples, or complete occluded test images, with a trained model: a PNG grid.
 
-    python sample.py                                   # 64 samples from the newest run under runs/
+    python sample.py                                   # 64 samples from the newest trained run
     python sample.py --num 16 --seed 1 --out grid.png
     python sample.py --checkpoint runs/pixelcnn-mnist/checkpoint.npz
     python sample.py --complete                        # the paper's Figure 1
+
+Without ``--checkpoint`` it takes ``best.npz`` (the best validation NLL) of
+the run under ``runs/`` whose ``best.npz`` is newest, and says which.
 
 ``--complete`` lays out the paper's Figure 1: one test image per row, its
 lower half occluded (grey), then several completions sampled given the upper
@@ -12,7 +15,6 @@ half, then the original. Sampling uses the fast sampler
 with the compile time apart.
 """
 
-import argparse
 import pathlib
 import sys
 import time
@@ -20,9 +22,10 @@ import time
 import jax
 import numpy as np
 
+import checkpoint
 import data
 import pixelrnn
-import train
+from checkpoint import UserError
 
 # ---- defaults: edit them here or override them on the command line ----
 RUNS = pathlib.Path("runs")  # where train.py writes its runs
@@ -30,29 +33,25 @@ NUM = 64                     # samples in the grid (8 x 8)
 SEED = 0
 IMAGES = 8                   # --complete: test images, one per row
 COMPLETIONS = 5              # --complete: completions of each
-
-
-class UserError(Exception):
-    """Something the user can fix: printed as one line, exit code 2."""
+PROGRAM = "sample.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=pathlib.Path,
-                   help=f"a checkpoint .npz written by train.py (default: the newest run under {RUNS}/)")
-    p.add_argument("--num", type=int, default=NUM, help=f"samples (default {NUM})")
-    p.add_argument("--seed", type=int, default=SEED, help=f"default {SEED}")
-    p.add_argument("--out", type=pathlib.Path, help="PNG to write (default: next to the checkpoint)")
-    p.add_argument("--complete", action="store_true", help="complete occluded test images instead")
-    p.add_argument("--images", type=int, default=IMAGES, help=f"--complete: test images (default {IMAGES})")
-    p.add_argument("--completions", type=int, default=COMPLETIONS,
-                   help=f"--complete: completions per image (default {COMPLETIONS})")
-    p.add_argument("--data-dir", help="--complete: the dataset's folder, as given to train.py")
-    args = p.parse_args(argv)
-    for name in ("num", "images", "completions"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    return args
+    p = checkpoint.OneLineParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
+    add, number = p.add_argument, checkpoint.number
+    add("--checkpoint", type=pathlib.Path,
+        help=f"a checkpoint .npz written by train.py (default: the newest best.npz under {RUNS}/)")
+    add("--num", type=number(int, 1), default=NUM, help=f"samples (default {NUM})")
+    add("--seed", type=number(int, 0), default=SEED, help=f"default {SEED}")
+    add("--out", type=pathlib.Path, help="PNG to write (default: next to the checkpoint)")
+    add("--scale", type=number(int, 1), default=data.GRID_SCALE,
+        help=f"screen pixels per image pixel (default {data.GRID_SCALE})")
+    add("--complete", action="store_true", help="complete occluded test images instead")
+    add("--images", type=number(int, 1), default=IMAGES, help=f"--complete: test images (default {IMAGES})")
+    add("--completions", type=number(int, 1), default=COMPLETIONS,
+        help=f"--complete: completions per image (default {COMPLETIONS})")
+    add("--data-dir", help="--complete: the dataset's folder, as given to train.py")
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------
@@ -61,30 +60,13 @@ def parse_args(argv=None):
 
 
 def newest_checkpoint(runs=RUNS):
-    """The checkpoint of the most recently written run under ``runs``.
-
-    A run's ``best.npz`` (best validation NLL) is preferred to its latest
-    ``checkpoint.npz``.
-    """
-    def checkpoints(run):
-        return [run / name for name in ("best.npz", "checkpoint.npz") if (run / name).is_file()]
-
-    trained = {run: checkpoints(run) for run in runs.glob("*") if checkpoints(run)}
+    """The newest ``best.npz`` under ``runs``: the best parameters of the run that
+    validated last (a run stopped before its first validation has none)."""
+    trained = list(runs.glob("*/best.npz"))
     if not trained:
-        raise UserError(f"no trained run under {runs}/: train one first, e.g. "
+        raise UserError(f"no trained run under {runs}/ (no best.npz): train one first, e.g. "
                         f"`python train.py --model rowlstm`, or pass --checkpoint PATH")
-    newest = max(trained, key=lambda run: max(f.stat().st_mtime for f in trained[run]))
-    return trained[newest][0]
-
-
-def load(path):
-    """``path`` -> ``(cfg, params, settings)``, read with train.py's checkpoint reader."""
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
-    settings, cfg, _, arrays = train.read_checkpoint(path)
-    # Only the shapes are needed: eval_shape does not run init's random ops.
-    template = {"params": jax.eval_shape(lambda key: pixelrnn.init(key, cfg), jax.random.PRNGKey(0))}
-    return cfg, train.unflatten(arrays, template, path)["params"], settings
+    return max(trained, key=lambda path: path.stat().st_mtime)
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +134,7 @@ def load_test_images(settings, data_dir, cfg, count):
 def main(argv=None):
     args = parse_args(argv)
     path = args.checkpoint or newest_checkpoint()
-    cfg, params, settings = load(path)
+    cfg, params, settings = checkpoint.load_params(path)
     key = jax.random.PRNGKey(args.seed)
     kind = "completions" if args.complete else "samples"
     out = args.out or path.parent / f"{kind}_seed{args.seed}.png"
@@ -166,16 +148,17 @@ def main(argv=None):
         grid = data.image_grid(samples, cfg.levels)
         count = len(samples)
     try:
-        data.save_png(out, grid)
+        data.save_png(out, grid, args.scale)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}: {count} {kind} from {path} in {run_s:.2f} s "
-          f"(compiling took {compile_s:.1f} s more)")
+          f"(compiling took {compile_s:.1f} s more)"
+          + ("" if args.checkpoint else "; --checkpoint PATH picks another model"))
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (UserError, train.UserError, data.DataError) as e:
-        train.fail(e, program="sample.py")
+    except (UserError, data.DataError) as e:
+        checkpoint.fail(e, PROGRAM)

@@ -5,6 +5,7 @@ Run it with ``python -m pytest -q``.
 """
 
 import ast
+import functools
 import gzip
 import hashlib
 import itertools
@@ -12,8 +13,10 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -27,14 +30,16 @@ import optax
 import pytest
 
 import bench
+import checkpoint
 import data
 import layers
 import pixelrnn
 import train
+import training
 
 ROOT = pathlib.Path(__file__).parent
 
-# ---- models (issue 2) ----
+# ---- the models: causality, receptive fields, normalisation, sampling ----
 
 
 def small_config(model, **overrides):
@@ -272,6 +277,45 @@ def test_invalid_config_names_the_field(field, overrides):
         small_config(**{"model": "rowlstm", **overrides})
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_the_head_reads_the_sum_of_the_residual_stream_after_every_layer(monkeypatch, skip):
+    """skip=True: the head's input is the sum over layers of the stream after that
+    layer's residual add; skip=False: the last layer's stream."""
+    cfg = small_config("pixelcnn", layers=3, skip=skip)
+    params = with_random_biases(pixelrnn.init(jax.random.PRNGKey(0), cfg), jax.random.PRNGKey(1))
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, cfg.height, cfg.width, 1))
+    stream = layers.masked_conv(params["input"], x, 1, "A")
+    streams = []
+    for layer_params in params["layers"]:
+        stream = stream + layers.pixelcnn_block(layer_params, stream, 1)
+        streams.append(stream)
+    received = []
+    head = layers.output_head
+    monkeypatch.setattr(layers, "output_head", lambda p, h, c: received.append(h) or head(p, h, c))
+    pixelrnn.network(params, cfg, x)
+    np.testing.assert_allclose(received[0], sum(streams) if skip else streams[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_an_impossible_value_has_log_probability_minus_infinity():
+    """Values outside [0, levels) are neither wrapped into range nor NaN: probability 0."""
+    cfg = small_config("rowlstm", levels=4)
+    params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
+    images = np.ones((4, cfg.height, cfg.width, 1), np.int32)
+    images[1, 2, 3, 0], images[2, 0, 0, 0], images[3, 4, 5, 0] = -1, 4, 1000
+    log_p = np.asarray(pixelrnn.log_prob(params, cfg, images))
+    assert np.isfinite(log_p[0]) and log_p[0] < 0
+    assert (log_p[1:] == -np.inf).all()
+
+
+def test_config_defaults_are_the_papers_sizes_rounded_for_rgb():
+    assert [pixelrnn.Config(model=m).layers for m in pixelrnn.MODELS] == [7, 7, 15]
+    assert (pixelrnn.Config().hidden, pixelrnn.Config().out_hidden) == (16, 32)
+    rgb = pixelrnn.Config(channels=3, levels=256)
+    assert (rgb.hidden, rgb.out_hidden) == (18, 33)
+    assert pixelrnn.Config(model="pixelcnn", layers=2, hidden=8) == pixelrnn.Config(
+        model="pixelcnn", layers=2, hidden=8, out_hidden=32)
+
+
 def mnist_like_batch():
     """8 real MNIST digits, thresholded and 2x2 max-pooled to 14x14 binary images."""
     with np.load(ROOT / "data" / "mnist.npz", allow_pickle=False) as data:
@@ -346,7 +390,7 @@ def test_forward_pass_has_no_python_loop_over_pixels(model):
     assert equations(4) == equations(12)
 
 
-# ---- data and training (issue 3) ----
+# ---- data, training runs and the command line ----
 
 
 def test_embedded_mnist_loads_with_the_documented_shapes_and_pinned_binarizations():
@@ -556,18 +600,42 @@ def checkpoint_arrays(path):
         return {name: f[name] for name in f.files if name != "meta"}
 
 
+def checkpoint_meta(path):
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(str(f["meta"]))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed(process_id, port):
+    return ["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+            "--process-id", str(process_id), "--host-devices", "1"]
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, compile_cache):
     """Runs of the tiny config: ``full`` (12 steps, with samples), ``half``
-    (stopped at step 6 by --max-steps, then resumed to the end) and
-    ``two_devices``. Returns their folders and ``(exit code, stdout, stderr)``."""
+    (stopped at step 6 by --max-steps, then resumed to the end),
+    ``two_devices`` (one process), and ``process_0`` and ``process_1``: two
+    ``--distributed`` processes of one device each (process 1 is given
+    another --out, where it must write nothing). Returns their folders and
+    ``(exit code, stdout, stderr)``."""
     root = tmp_path_factory.mktemp("runs")
-    dirs = {name: root / name for name in ("full", "half", "two_devices")}
+    names = ("full", "half", "two_devices", "process_0", "process_1")
+    dirs = {name: root / name for name in names}
     results = {"full": wait(start_train(TINY + ["--out", str(dirs["full"]), "--num-samples", "4"],
                                         compile_cache))}
+    port = free_port()
     started = [start_train(TINY + ["--out", str(dirs["half"]), "--max-steps", "6"], compile_cache),
-               start_train(TINY + ["--out", str(dirs["two_devices"])], compile_cache, devices=2)]
-    results.update(zip(["half", "two_devices"], map(wait, started)))
+               start_train(TINY + ["--out", str(dirs["two_devices"])], compile_cache, devices=2),
+               *[start_train(TINY + ["--out", str(dirs[f"process_{i}"])] + distributed(i, port),
+                             compile_cache) for i in (0, 1)]]
+    results.update(zip(names[1:], map(wait, started)))
+    assert results["half"][0] == 0, results["half"][2][-2000:]
     results["half_stopped"] = metrics(dirs["half"])
     results["resumed"] = wait(start_train(["--out", str(dirs["half"]), "--resume", "--epochs", "3",
                                            "--num-samples", "0"], compile_cache))
@@ -587,8 +655,35 @@ def test_training_writes_every_output_and_the_loss_falls(tiny_runs):
     train_loss, valid = [line["train_loss"] for line in epochs], [line["valid_nll"] for line in epochs]
     assert train_loss == sorted(train_loss, reverse=True) and valid == sorted(valid, reverse=True)
     assert test["unit"] == "nats" and 0 < test["test_nll"] < 28 * 28 * np.log(2)
-    assert read_png(run / "samples.png").shape == (2 * 29 + 1, 2 * 29 + 1)  # 4 samples, 2 x 2
-    assert "1 cpu device" in results["full"][1]
+    grid = (2 * 29 + 1) * data.GRID_SCALE                     # 4 samples, 2 x 2, enlarged
+    assert read_png(run / "samples.png").shape == (grid, grid)
+
+
+def test_the_first_line_gives_the_sizes_actually_used(tiny_runs):
+    stdout = tiny_runs[1]["full"][1]
+    assert stdout.splitlines()[0] == (
+        f"training pixelcnn (1 layer, h=4, head 8, {parameter_count(TINY)} parameters) on mnist, "
+        f"1 cpu device, to 12 steps (3 epochs), into {tiny_runs[0]['full']}")
+
+
+def parameter_count(argv):
+    args = train.parse_args(argv)
+    cfg = pixelrnn.Config(model=args.model, layers=args.layers, hidden=args.hidden,
+                          out_hidden=args.out_hidden)
+    return f"{pixelrnn.parameter_count(pixelrnn.init(jax.random.PRNGKey(0), cfg)):,}"
+
+
+def test_the_bar_and_the_validation_line_show_the_same_loss_and_speed(tiny_runs):
+    """One loss (mean of the recent steps, in nats) and one images/s (compilation
+    excluded) in the progress bar, the line after it and metrics.jsonl."""
+    _, results = tiny_runs
+    _, stdout, stderr = results["full"]
+    bar_end = re.findall(r"epoch 3/3: 100%.*?\[.*?, (loss [\d.]+ nats, [\d.]+ img/s)\]", stderr)[-1]
+    line = next(line for line in stdout.splitlines() if line.startswith("step 12: valid"))
+    assert line.endswith(bar_end), (line, bar_end)
+    last = metrics(tiny_runs[0]["full"])[-2]
+    assert bar_end == f"loss {last['train_loss']:.4g} nats, {last['images_per_s']:.1f} img/s"
+    assert "it/s" not in stderr and "img/s]" in stderr
 
 
 def test_resume_continues_exactly(tiny_runs):
@@ -602,6 +697,8 @@ def test_resume_continues_exactly(tiny_runs):
         np.testing.assert_array_equal(full[name], resumed[name], err_msg=name)
     last_valid = [metrics(dirs[name])[-2]["valid_nll"] for name in ("half", "full")]
     np.testing.assert_allclose(*last_valid, rtol=1e-6)  # XLA:CPU may sum in another order
+    assert results["resumed"][1].splitlines()[1] == (
+        f"resuming {dirs['half']} at step 6 (epoch 2, batch 2) of 12 steps (3 epochs)")
 
 
 def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):
@@ -612,8 +709,62 @@ def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):
         np.testing.assert_allclose([m[key] for m in two[:-1]], [m[key] for m in one[:-1]], rtol=1e-4)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, compile_cache):
-    """Interrupted after its first epoch, a run saves where it stands and says so."""
+def test_two_distributed_processes_train_as_one_process_with_two_devices(tiny_runs):
+    """Two train.py --distributed processes on 127.0.0.1, one CPU device each: the
+    loss trajectory of one process with two devices; only process 0 writes files."""
+    dirs, results = tiny_runs
+    assert "2 cpu devices in 2 processes" in results["process_0"][1]
+    assert not dirs["process_1"].exists()
+    assert "valid" not in results["process_1"][1]
+    two_devices, two_processes = metrics(dirs["two_devices"]), metrics(dirs["process_0"])
+    assert len(two_processes) == len(two_devices) == 4
+    for key in ("train_loss", "valid_nll"):
+        np.testing.assert_allclose([m[key] for m in two_processes[:-1]],
+                                   [m[key] for m in two_devices[:-1]], rtol=1e-5)
+    np.testing.assert_allclose(two_processes[-1]["test_nll"], two_devices[-1]["test_nll"], rtol=1e-5)
+
+
+def test_a_missing_or_unreachable_coordinator_is_one_line(tmp_path, compile_cache):
+    missing = wait(start_train(TINY + ["--out", str(tmp_path), "--distributed"], compile_cache))
+    unreachable = wait(start_train(TINY + ["--out", str(tmp_path), "--coordinator-timeout", "1"]
+                                   + distributed(1, free_port()), compile_cache))
+    for (code, _, stderr), expected in ((missing, "--distributed: coordinator_address"),
+                                        (unreachable, "no coordinator at 127.0.0.1:")):
+        assert code == 2 and stderr.count("\n") == 1, stderr
+        assert stderr.startswith(f"train.py: error: {expected}"), stderr
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_finished_run_resumed_with_nothing_to_do_says_so_and_changes_no_file(tiny_runs, tmp_path,
+                                                                               compile_cache):
+    for name, target in (("full", "12 steps (3 epochs)"), ("half", "12 steps (3 epochs)")):
+        run = tmp_path / name
+        shutil.copytree(tiny_runs[0][name], run)
+        files = {path: path.read_bytes() for path in run.iterdir()}
+        code, stdout, stderr = wait(start_train(["--out", str(run), "--resume"], compile_cache))
+        assert code == 0, stderr
+        assert stdout == (f"{run} has already trained to {target} and been tested; nothing to do "
+                          f"(give a larger --epochs or --max-steps to train on)\n")
+        assert files == {path: path.read_bytes() for path in run.iterdir()}
+
+
+@pytest.mark.parametrize("given,saved,expected", [
+    ({}, {"epochs": 1, "max_steps": 0}, {"epochs": 1, "max_steps": 0}),
+    ({}, {"epochs": 3, "max_steps": 6}, {"epochs": 3, "max_steps": 6}),
+    ({"epochs": 5}, {"epochs": 3, "max_steps": 6}, {"epochs": 5, "max_steps": 0}),
+    ({"max_steps": 9}, {"epochs": 3, "max_steps": 6}, {"epochs": 3, "max_steps": 9}),
+    ({"epochs": 4, "max_steps": 9}, {"epochs": 3, "max_steps": 0}, {"epochs": 4, "max_steps": 9}),
+    ({}, None, {"epochs": train.EPOCHS, "max_steps": 0}),
+    ({"max_steps": 1}, None, {"epochs": train.EPOCHS, "max_steps": 1}),
+])
+def test_a_resumed_run_keeps_its_target_unless_a_new_one_is_given(given, saved, expected):
+    argv = [f"--{name.replace('_', '-')}={value}" for name, value in given.items()]
+    assert train.resolve_target(train.parse_args(argv), saved) == expected
+
+
+def test_ctrl_c_saves_a_checkpoint_and_a_bare_resume_keeps_the_target(tmp_path, compile_cache):
+    """Interrupted after its first epoch, a run saves where it stands and says so;
+    resumed with a bare --resume it heads for its own --epochs, not the default."""
     process = start_train(TINY + ["--out", str(tmp_path), "--epochs", "1000"], compile_cache)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (
@@ -623,10 +774,19 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, compile_cache):
     code, _, stderr = wait(process)
     assert code == train.EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr
-    step = json.loads(str(np.load(tmp_path / "checkpoint.npz")["meta"]))["progress"]["step"]
+    meta = checkpoint_meta(tmp_path / "checkpoint.npz")
+    step, epoch, index = (meta["progress"][name] for name in ("step", "epoch", "index"))
     assert step >= 4 and stderr.splitlines()[-1] == (
         f"train.py: interrupted at step {step}; saved {tmp_path / 'checkpoint.npz'}; "
         f"continue with --resume")
+    assert meta["target"] == {"epochs": 1000, "max_steps": 0}
+
+    resumed = start_train(["--out", str(tmp_path), "--resume"], compile_cache)
+    resumed.stdout.readline()                                  # the sizes
+    assert resumed.stdout.readline() == (f"resuming {tmp_path} at step {step} (epoch {epoch + 1}, "
+                                         f"batch {index}) of 4000 steps (1000 epochs)\n")
+    resumed.send_signal(signal.SIGINT)
+    assert wait(resumed)[0] == train.EXIT_INTERRUPTED
 
 
 def user_error(capsys, argv):
@@ -635,7 +795,7 @@ def user_error(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         train.main([*argv, "--host-devices", "1"])
     stderr = capsys.readouterr().err
-    assert exit_info.value.code == train.EXIT_USER_ERROR, stderr
+    assert exit_info.value.code == checkpoint.EXIT_USER_ERROR, stderr
     assert stderr.startswith("train.py: error: ") and stderr.count("\n") == 1, stderr
     return stderr
 
@@ -658,23 +818,48 @@ def test_user_mistakes_exit_2_with_one_line(tiny_runs, tmp_path, capsys):
                                     "--out", str(tmp_path / "new")],
         "data_batch_1 not found": ["--dataset", "cifar10", "--data-dir", str(tmp_path),
                                    "--out", str(tmp_path / "new")],
+        "the cifar10 dataset is not embedded: give --data-dir, a folder holding CIFAR-10's":
+            ["--dataset", "cifar10", "--out", str(tmp_path / "new")],
+        "the idx dataset is not embedded: give --data-dir, a folder holding train-images-idx3":
+            ["--dataset", "idx", "--out", str(tmp_path / "new")],
+        "--binarize is for binary datasets (mnist, idx-binary), not mnist256":
+            ["--dataset", "mnist256", "--binarize", "fixed", "--out", str(tmp_path / "new")],
         "already holds a run": TINY + ["--out", str(run)],
         "does not match the checkpoint": ["--out", str(run), "--resume", "--model", "rowlstm"],
         "no checkpoint to resume": ["--out", str(tmp_path / "none"), "--resume"],
         "cannot write to --out": TINY + ["--out", str(not_a_dir / "run")],
+        "coordinator address 'nowhere': expected HOST:PORT":
+            TINY + ["--distributed", "--coordinator", "nowhere", "--out", str(tmp_path / "new")],
     }
     for expected, argv in cases.items():
         assert expected in user_error(capsys, argv), argv
     assert files == {path: path.read_bytes() for path in run.iterdir()}  # nothing overwritten
+    assert not (tmp_path / "new").exists()
 
-    checkpoint = run / "checkpoint.npz"
-    arrays = dict(np.load(checkpoint, allow_pickle=False))
+    checkpoint_path = run / "checkpoint.npz"
+    arrays = dict(np.load(checkpoint_path, allow_pickle=False))
     del arrays[min(name for name in arrays if name.startswith("params/"))]  # any one will do
-    np.savez(checkpoint, **arrays)
+    np.savez(checkpoint_path, **arrays)
     assert "does not match the model config" in user_error(capsys, ["--out", str(run), "--resume"])
-    checkpoint.write_bytes(b"not a zip file")
-    assert "not a readable checkpoint" in user_error(capsys, ["--out", str(run), "--resume"])
-    assert checkpoint.read_bytes() == b"not a zip file"
+    checkpoint_path.write_text("step 12, loss 80.3\n")
+    line = user_error(capsys, ["--out", str(run), "--resume"])
+    assert "checkpoint.npz is not a checkpoint: not an .npz archive" in line
+    np.savez(checkpoint_path, meta=np.array([{"code": "print('hi')"}], dtype=object))
+    line = user_error(capsys, ["--out", str(run), "--resume"])
+    assert "is not a checkpoint: it holds Python objects, which are never loaded" in line
+    assert "unsafe" not in line.lower() and "allow_pickle" not in line
+
+
+def test_rgb_data_without_hidden_sizes_says_the_sizes_used(tmp_path, compile_cache):
+    """h = 16 and a head of 32 do not split into R, G, B thirds: the run uses 18 and 33, and says so."""
+    write_cifar10(tmp_path / "cifar")
+    code, stdout, stderr = wait(start_train(
+        ["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--model", "pixelcnn",
+         "--layers", "1", "--batch-size", "4", "--max-steps", "1", "--num-samples", "0",
+         "--out", str(tmp_path / "run")], compile_cache))
+    assert code == 0, stderr
+    assert stdout.startswith("training pixelcnn (1 layer, h=18, head 33, ")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["settings"]["hidden"] == 18
 
 
 def test_batch_not_divisible_by_the_devices_is_one_line_in_a_real_process(tmp_path, compile_cache):
@@ -702,7 +887,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_checkpoint(tiny_runs, tmp_path,
     assert (run / "checkpoint.npz").read_bytes() == poisoned
 
 
-# ---- fast sampling and sample.py (issue 4) ----
+# ---- the fast sampler and sample.py ----
 
 import sample  # noqa: E402  (the sampling script, imported for its grid layout)
 
@@ -827,18 +1012,26 @@ def run_sample(args, cwd):
     return result.returncode, result.stdout, result.stderr
 
 
-def test_sample_py_writes_a_grid_from_the_newest_run(sampling_dir):
-    code, stdout, stderr = run_sample(["--num", "4", "--out", "grid.png"], sampling_dir)
+def test_sample_py_writes_an_enlarged_grid_from_the_newest_trained_run(sampling_dir):
+    """The newest best.npz wins over a newer run that never validated (no best.npz); the
+    8 x 8 grid of MNIST digits is drawn large enough to see (>= 700 px wide)."""
+    side_run = sampling_dir / "runs" / "side"
+    side_run.mkdir(exist_ok=True)
+    shutil.copy(sampling_dir / "runs" / "tiny" / "checkpoint.npz", side_run / "checkpoint.npz")
+    code, stdout, stderr = run_sample(["--out", "grid.png"], sampling_dir)
     assert code == 0, stderr
     grid = read_png(sampling_dir / "grid.png")
-    assert grid.shape == (2 * 29 + 1, 2 * 29 + 1) and set(np.unique(grid)) == {0, data.GRID_PAD_VALUE, 255}
-    assert f"{pathlib.Path('runs', 'tiny', 'best.npz')}" in stdout and "compiling took" in stdout
+    assert grid.shape == ((8 * 29 + 1) * 4,) * 2 and grid.shape[1] >= 700
+    assert set(np.unique(grid)) == {0, data.GRID_PAD_VALUE, 255}
+    np.testing.assert_array_equal(grid[::4, ::4], grid[3::4, 3::4])        # 4 x 4 blocks
+    assert f"from {pathlib.Path('runs', 'tiny', 'best.npz')} " in stdout and "compiling took" in stdout
+    assert "--checkpoint PATH picks another model" in stdout
 
 
 def test_sample_py_complete_draws_figure_1_from_test_images(sampling_dir):
     code, _, stderr = run_sample(["--checkpoint", "runs/tiny/checkpoint.npz", "--complete",
-                                  "--images", "2", "--completions", "3", "--out", "fig1.png"],
-                                 sampling_dir)
+                                  "--images", "2", "--completions", "3", "--out", "fig1.png",
+                                  "--scale", "1"], sampling_dir)
     assert code == 0, stderr
     grid = read_png(sampling_dir / "fig1.png")
     assert grid.shape == (2 * 29 + 1, 5 * 29 + 1)
@@ -848,6 +1041,11 @@ def test_sample_py_complete_draws_figure_1_from_test_images(sampling_dir):
         for completed in tiles[1:4]:                           # the upper half is given
             np.testing.assert_array_equal(completed[:14], original[:14])
         np.testing.assert_array_equal(tiles[4], original)
+    code, _, stderr = run_sample(["--checkpoint", "runs/tiny/checkpoint.npz", "--complete",
+                                  "--images", "2", "--completions", "3", "--out", "big.png"],
+                                 sampling_dir)
+    assert code == 0, stderr
+    assert read_png(sampling_dir / "big.png").shape == (4 * (2 * 29 + 1), 4 * (5 * 29 + 1))
 
 
 def sample_py_error(args, cwd):
@@ -865,16 +1063,34 @@ def test_sample_py_without_a_run_says_how_to_train_one(tmp_path):
 
 def test_sample_py_rejects_a_corrupt_checkpoint_in_one_line(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip file")
-    assert "bad.npz is not a readable checkpoint" in sample_py_error(["--checkpoint", "bad.npz"], tmp_path)
+    assert "bad.npz is not a checkpoint: not an .npz archive" in sample_py_error(
+        ["--checkpoint", "bad.npz"], tmp_path)
 
 
-# ---- training speed (issue 5) ----
+@pytest.mark.parametrize("flag", ["--num", "--images", "--completions", "--scale"])
+def test_sample_py_flag_mistakes_are_one_line(tmp_path, flag):
+    assert sample_py_error([flag, "0"], tmp_path) == f"sample.py: error: argument {flag}: 0 must be >= 1"
+
+
+def test_sample_py_imports_no_other_script():
+    """sample.py and bench.py read checkpoints and run the train step through modules, never
+    through another script (which would pull in its flags, signal handling, ...)."""
+    scripts = {"train", "sample", "bench"}
+    for name in scripts:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & scripts, f"{name}.py imports {imported & scripts}"
+
+
+# ---- speed: memory, convolutions, bench.py ----
 
 PAGE_FAULTS_PER_STEP = """
 import resource, sys
-import train
+import training
 if sys.argv[1] == "keep":
-    train.keep_freed_memory()
+    training.keep_freed_memory()
 import jax, jax.numpy as jnp, pixelrnn
 cfg = pixelrnn.Config(model="pixelcnn", layers=2)
 params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
@@ -901,36 +1117,68 @@ def test_keep_freed_memory_stops_xla_scratch_buffers_page_faulting_every_step():
     assert kept < plain / 4
 
 
-CONV_CASES = [  # (kh, kw, F_in, F_out, colours, mask type or None, padding)
-    (7, 7, 1, 32, 1, "A", "SAME"), (7, 7, 3, 12, 3, "A", "SAME"), (3, 3, 16, 16, 1, "B", "SAME"),
-    (3, 3, 6, 6, 3, "B", "SAME"), (1, 3, 32, 64, 1, "B", "SAME"), (1, 3, 6, 24, 3, "B", "SAME"),
-    (1, 1, 32, 16, 1, "B", "SAME"), (1, 1, 12, 6, 3, "B", "SAME"), (3, 3, 6, 6, 3, "B", "VALID"),
-    (1, 3, 4, 16, 1, None, "VALID"), (2, 1, 4, 16, 1, None, "VALID"), (3, 3, 5, 3, 1, None, "SAME"),
+CONV_CASES = [  # (kh, kw, F_in, F_out, channels, mask type, padding, gate blocks)
+    (7, 7, 1, 32, 1, "A", "SAME", 1), (7, 7, 3, 12, 3, "A", "SAME", 1),
+    (3, 3, 16, 16, 1, "B", "SAME", 1), (3, 3, 6, 6, 3, "B", "SAME", 1),
+    (3, 3, 6, 6, 3, "A", "VALID", 1), (3, 3, 4, 8, 1, "B", "VALID", 1),
+    (1, 3, 32, 64, 1, "B", "SAME", 4), (1, 3, 6, 24, 3, "B", "SAME", 4),
+    (1, 1, 32, 16, 1, "B", "SAME", 1), (1, 1, 12, 6, 3, "B", "VALID", 1),
 ]
 
 
-@pytest.mark.parametrize("kh, kw, f_in, f_out, colours, mask_type, padding", CONV_CASES)
-def test_conv_as_matrix_products_equals_lax_convolution(kh, kw, f_in, f_out, colours, mask_type, padding):
+lax_conv = jax.lax.conv_general_dilated    # before any test patches it
+
+
+def conv_values_and_gradients(conv, params, x):
+    """``conv(params, x)`` and its gradients for a fixed random cotangent."""
+    y, vjp = jax.vjp(conv, params, x)
+    return y, vjp(jax.random.normal(jax.random.PRNGKey(3), y.shape))
+
+
+@pytest.mark.parametrize("kh, kw, f_in, f_out, channels, mask_type, padding, blocks", CONV_CASES)
+def test_im2col_fast_path_equals_the_lax_convolution(monkeypatch, kh, kw, f_in, f_out, channels,
+                                                     mask_type, padding, blocks):
+    """layers.masked_conv as defined (lax.conv_general_dilated of the masked kernel) and as its
+    im2col fast path: the same values and the same gradients."""
     params = layers.init_conv(jax.random.PRNGKey(0), kh, kw, f_in, f_out)
     params["b"] = jax.random.normal(jax.random.PRNGKey(1), (f_out,))
-    mask = None if mask_type is None else layers.conv_mask((kh, kw, f_in, f_out), colours, mask_type)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 6, f_in))
 
-    def plain(params, x):
-        w = params["w"] if mask is None else params["w"] * mask
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + params["b"]
+    def conv(params, x):
+        return layers.masked_conv(params, x, channels, mask_type, padding, blocks)
 
-    def fast(params, x):
-        return layers.conv(params, x, padding, mask=mask)
-
-    cotangent = jax.random.normal(jax.random.PRNGKey(3), plain(params, x).shape)
-    for f in (plain, fast):
-        assert f(params, x).shape == cotangent.shape
-    np.testing.assert_allclose(fast(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
-    grads = [jax.vjp(f, params, x)[1](cotangent) for f in (fast, plain)]
-    for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    results = {}
+    for fast in (False, True):
+        monkeypatch.setattr(layers, "im2col_is_faster", lambda: fast)
+        results[fast] = conv_values_and_gradients(conv, params, x)
+    calls = []
+    monkeypatch.setattr(jax.lax, "conv_general_dilated",
+                        lambda *a, **k: calls.append(1) or lax_conv(*a, **k))
+    monkeypatch.setattr(layers, "im2col_is_faster", lambda: False)
+    conv(params, x)
+    assert calls, "the definition must run through lax.conv_general_dilated"
+    for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kh, kw", [(1, 3), (2, 1)])
+def test_unmasked_im2col_equals_the_lax_convolution(kh, kw):
+    """The state-to-state convolutions, which run as im2col everywhere."""
+    params = layers.init_conv(jax.random.PRNGKey(0), kh, kw, 4, 16)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 5, 4))
+
+    def plain(params, x):
+        return lax_conv(x, params["w"], (1, 1), "VALID",
+                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["b"]
+
+    fast = functools.partial(layers.im2col_conv, padding="VALID")
+    for got, want in zip(jax.tree.leaves(conv_values_and_gradients(fast, params, x)),
+                         jax.tree.leaves(conv_values_and_gradients(plain, params, x))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_im2col_runs_on_the_cpu_only():
+    assert layers.im2col_is_faster() == (jax.default_backend() == "cpu")
 
 
 def test_bench_counts_the_kernel_taps_the_masks_leave():
@@ -941,7 +1189,7 @@ def test_bench_flop_count_agrees_with_xla_for_pixelcnn():
     # XLA counts the PixelCNN's matrix products as we do, plus the elementwise
     # work (ReLUs, biases, the softmax) that bench.py leaves out. (Its count
     # of a scan holds the loop body once, so the LSTMs cannot be checked so.)
-    cfg = bench.default_config("pixelcnn")
+    cfg = pixelrnn.Config(model="pixelcnn")
     params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
     x = jnp.zeros((1, cfg.height, cfg.width, cfg.channels))
     cost = jax.jit(lambda p, x: pixelrnn.network(p, cfg, x)).lower(params, x).compile().cost_analysis()
@@ -972,6 +1220,9 @@ def test_bench_runs_in_fresh_processes_and_rejects_bad_flags():
     assert "sample_64_fast_s" not in row
     bad = subprocess.run(bench_py + ["--processes", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--processes: 0 must be >= 1" in bad.stderr
+    unknown = subprocess.run(bench_py + ["--models", "foo"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
+    assert unknown.stderr.startswith("bench.py: error: argument --models: invalid choice: 'foo'")
     # A mistake that only a child process finds reaches the user as the child's one line.
     odd = subprocess.run(bench_py + ["--batch-size", "3", "--host-devices", "2", "--processes", "2"],
                          capture_output=True, text=True)

@@ -1,0 +1,193 @@
+"""The pieces of training that train.py drives and bench.py times.
+
+    training.set_up_devices(host_devices=2)          # before JAX's first computation
+    mesh = training.make_mesh(batch_size=64, eval_batch_size=256)
+    optimizer = training.make_optimizer(training.DEFAULTS)
+    step = training.make_train_step(cfg, optimizer, mesh)
+    state, loss = step(state, training.put_batch(images, mesh))
+
+Data parallelism: every device of every process holds one slice of each
+batch (a 1-D ``jax.sharding.Mesh`` named ``data``); parameters and
+optimizer state are replicated, and one jitted step sums the gradients
+across devices (XLA inserts the all-reduce). The same code runs on one CPU
+split into host devices, on the GPUs of a node, and on several hosts.
+"""
+
+import ctypes
+import functools
+import os
+import socket
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import data
+import pixelrnn
+from checkpoint import UserError
+
+# The settings that define a training run, with their defaults. (The model's
+# sizes default in pixelrnn.Config.) A run saves them; a resumed run keeps them.
+DEFAULTS = dict(dataset="mnist", batch_size=64, optimizer="adam", lr=1e-3, clip=1.0, seed=0,
+                binarize="fresh", train_subset=0, eval_subset=0)
+HOST_DEVICES = 2       # CPU only: split each batch over this many XLA devices, one per core
+
+
+# ---------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of unmapping it.
+
+    XLA:CPU mallocs each step's scratch buffers (hundreds of MB) from its
+    worker threads, and glibc serves requests that size with a fresh
+    ``mmap`` and unmaps them on ``free``, so every step would page-fault
+    all of it in again. One arena, no ``mmap`` and no trimming keep the
+    buffers mapped for reuse. Must run before JAX starts its threads; a
+    no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8      # from glibc's malloc.h
+    libc.mallopt(m_arena_max, 1)
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, -1)             # -1: never trim
+
+
+def wait_for_coordinator(address, process_id, timeout):
+    """Check, before JAX does, that the coordinator ``host:port`` can be used.
+
+    Process 0 runs the coordinator, so it must be able to bind the port;
+    the others retry connecting until ``timeout`` seconds. (JAX itself
+    aborts the process with a C++ stack trace when the coordinator stays
+    unreachable.) ``process_id`` None (found by JAX from the cluster later):
+    only the address is checked. Raises :class:`UserError`.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"coordinator address {address!r}: expected HOST:PORT")
+    if process_id is None:
+        return
+    if process_id == 0:
+        try:
+            with socket.create_server(("", int(port))):
+                return
+        except OSError as e:
+            raise UserError(f"process 0 cannot serve the coordinator on port {port}: "
+                            f"{e.strerror or e}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(f"no coordinator at {address} after {timeout} s: start process 0 "
+                                f"first, with the same --coordinator") from None
+            time.sleep(0.5)
+
+
+def set_up_devices(host_devices=HOST_DEVICES, distributed=False, coordinator=None,
+                   num_processes=None, process_id=None, timeout=300):
+    """Join a multi-process job or split the CPU into host devices; tune malloc for XLA.
+
+    ``distributed``: call ``jax.distributed.initialize`` with the given
+    coordinator ``host:port``, process count and this process's id; left
+    out, JAX reads them from ``JAX_COORDINATOR_ADDRESS`` or from the
+    cluster (SLURM, Open MPI). Cross-process collectives on CPU go through
+    gloo. Must run before JAX's first computation: XLA fixes its devices
+    then. Raises :class:`UserError`.
+    """
+    keep_freed_memory()
+    user_set = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if host_devices > 1 and not user_set:
+        # Only the CPU backend is split; GPUs and TPUs are used as they are.
+        jax.config.update("jax_num_cpu_devices", host_devices)
+    if not distributed:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    address = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        wait_for_coordinator(address, process_id, timeout)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--distributed: {e} (give --coordinator HOST:PORT, --num-processes "
+                        f"and --process-id, or run under SLURM or Open MPI)") from None
+
+
+def make_mesh(batch_size, eval_batch_size):
+    """A 1-D ``data`` mesh over every device; both batch sizes must split evenly over it."""
+    devices = jax.devices()
+    for flag, size in (("--batch-size", batch_size), ("--eval-batch-size", eval_batch_size)):
+        if size % len(devices):
+            raise UserError(f"{flag} {size} is not divisible by the {len(devices)} devices "
+                            f"({devices[0].platform})")
+    return Mesh(np.array(devices), ("data",))
+
+
+def replicated(mesh):
+    """The sharding of arrays that every device holds whole (parameters, losses)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def put_batch(images, mesh):
+    """A global batch ``(B, H, W, C)`` (the same on every process) -> a jax.Array split
+    along the mesh; each process hands over only the rows its own devices hold."""
+    rows = len(images) // jax.process_count()
+    local = images[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    return jax.make_array_from_process_local_data(
+        NamedSharding(mesh, PartitionSpec("data")), local, images.shape)
+
+
+# ---------------------------------------------------------------------------
+# The update and the evaluation
+# ---------------------------------------------------------------------------
+
+
+def make_optimizer(settings):
+    """Adam (or RMSProp) after clipping the global gradient norm to ``settings["clip"]`` (0: none)."""
+    clip = optax.clip_by_global_norm(settings["clip"]) if settings["clip"] > 0 else optax.identity()
+    update = {"adam": optax.adam, "rmsprop": optax.rmsprop}[settings["optimizer"]]
+    return optax.chain(clip, update(settings["lr"]))
+
+
+def make_train_step(cfg, optimizer, mesh):
+    """The jitted update ``state, images -> state, loss``; ``state = {"params", "opt_state"}``.
+
+    The loss is the mean NLL in nats per image. The images arrive split over
+    the mesh; the results are replicated, so XLA sums the gradients across
+    devices.
+    """
+    def loss_fn(params, images):
+        return -jnp.mean(pixelrnn.log_prob(params, cfg, images))
+
+    def train_step(state, images):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], images)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+    return jax.jit(train_step, out_shardings=replicated(mesh), donate_argnums=0)
+
+
+def make_evaluate(cfg, mesh, batch_size):
+    """``evaluate(params, images) -> mean NLL`` in nats per image over all ``images``."""
+    @functools.partial(jax.jit, out_shardings=replicated(mesh))
+    def nll_sum(params, images, count):
+        nll = -pixelrnn.log_prob(params, cfg, images)
+        return jnp.sum(jnp.where(jnp.arange(len(nll)) < count, nll, 0.0))  # drop the padding
+
+    def evaluate(params, images):
+        total = sum(float(nll_sum(params, put_batch(batch, mesh), count))
+                    for batch, count in data.eval_batches(images, batch_size))
+        return total / len(images)
+
+    return evaluate
