@@ -1120,7 +1120,7 @@ def test_keep_freed_memory_stops_xla_scratch_buffers_page_faulting_every_step():
 CONV_CASES = [  # (kh, kw, F_in, F_out, channels, mask type, padding, gate blocks)
     (7, 7, 1, 32, 1, "A", "SAME", 1), (7, 7, 3, 12, 3, "A", "SAME", 1),
     (3, 3, 16, 16, 1, "B", "SAME", 1), (3, 3, 6, 6, 3, "B", "SAME", 1),
-    (3, 3, 6, 6, 3, "A", "VALID", 1), (3, 3, 4, 8, 1, "B", "VALID", 1),
+    (3, 3, 6, 6, 3, "A", "VALID", 1), (3, 3, 4, 8, 1, "B", "VALID", 1), (7, 7, 1, 8, 1, "A", "VALID", 1),
     (1, 3, 32, 64, 1, "B", "SAME", 4), (1, 3, 6, 24, 3, "B", "SAME", 4),
     (1, 1, 32, 16, 1, "B", "SAME", 1), (1, 1, 12, 6, 3, "B", "VALID", 1),
 ]
