@@ -1142,7 +1142,7 @@ def test_im2col_fast_path_equals_the_lax_convolution(monkeypatch, kh, kw, f_in, 
     im2col fast path: the same values and the same gradients."""
     params = layers.init_conv(jax.random.PRNGKey(0), kh, kw, f_in, f_out)
     params["b"] = jax.random.normal(jax.random.PRNGKey(1), (f_out,))
-    x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 6, f_in))
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 9, f_in))
 
     def conv(params, x):
         return layers.masked_conv(params, x, channels, mask_type, padding, blocks)
