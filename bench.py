@@ -98,21 +98,21 @@ def forward_flops(cfg):
 def bench_training(cfg, batch_size):
     """``(compile seconds, images per second)`` of train.py's own update step, with its defaults."""
     mesh = training.make_mesh(batch_size, batch_size)
-    optimizer = training.make_optimizer(training.DEFAULTS)
-    params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
-    state = {"params": params, "opt_state": optimizer.init(params)}
+    optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=10_000)
+    state = training.init_state(pixelrnn.init(jax.random.PRNGKey(0), cfg), optimizer)
     rng = np.random.default_rng(0)
     images = (rng.random((batch_size, cfg.height, cfg.width, 1)) < INK).astype(np.int32)
     images = training.put_batch(images, mesh)
+    train_step = training.make_train_step(cfg, optimizer, mesh, training.DEFAULTS["ema"])
 
     start = time.perf_counter()
-    step = training.make_train_step(cfg, optimizer, mesh).lower(state, images).compile()
+    step = train_step.lower(state, images, 0).compile()
     compile_seconds = time.perf_counter() - start
 
     holder = [state]                                  # keeps the state alive for donation
 
     def one_step():
-        holder[0], loss = step(holder[0], images)
+        holder[0], loss = step(holder[0], images, 1000)
         loss.block_until_ready()
 
     median_seconds(one_step, WARM_UP_STEPS)

@@ -2,11 +2,11 @@
 
     checkpoint.write(path, settings, target, cfg, progress, tree)   # atomically
     saved = checkpoint.read(path)             # .settings, .target, .cfg, .progress, .arrays
-    cfg, params, settings = checkpoint.load_params(path)            # what sample.py needs
+    cfg, params, settings = checkpoint.load_params(path)            # the model, for sampling
 
 A checkpoint is a plain ``.npz`` file: every array is named by its path in
 the tree it came from (``params/layers/0/input_to_state/w``,
-``opt_state/...``, ``rng``) and one more entry, ``meta``, holds the model
+``opt_state/...``, ``ema/...``, ``rng``) and one more entry, ``meta``, holds the model
 config, the run's settings and target and its progress as JSON. It loads
 with ``np.load(path, allow_pickle=False)``: nothing is ever unpickled, so
 opening a checkpoint never runs code from it. The tree's structure is not
@@ -83,6 +83,7 @@ class Progress:
     epoch: int = 0             # the epoch being trained (0-based)
     index: int = 0             # batches of that epoch already trained on
     recent_losses: list = dataclasses.field(default_factory=list)  # nats/image, the last steps'
+    train_seconds: float = 0.0  # time spent in training steps (not compiling, not validating)
     best_valid: float = None   # best validation NLL (nats/image) and its step
     best_step: int = None
     tested: bool = False       # the run reached its target and was scored on the test set
@@ -159,9 +160,15 @@ def write(path, settings, target, cfg, progress, tree):
 
 
 def load_params(path):
-    """``path`` -> ``(cfg, params, settings)``: a model ready to use, from any checkpoint."""
+    """``path`` -> ``(cfg, params, settings)``: a model ready to use, from any checkpoint.
+
+    The parameters are the moving average (``ema/...``) where the file has
+    one, as in ``checkpoint.npz``, else ``params/...`` (``best.npz`` holds
+    the average under that name).
+    """
     saved = read(path)
+    name = "ema" if any(array.startswith("ema/") for array in saved.arrays) else "params"
     # Only the shapes are needed: eval_shape does not run init's random ops.
-    template = {"params": jax.eval_shape(lambda key: pixelrnn.init(key, saved.cfg),
-                                         jax.random.PRNGKey(0))}
-    return saved.cfg, unflatten(saved.arrays, template, path)["params"], saved.settings
+    template = {name: jax.eval_shape(lambda key: pixelrnn.init(key, saved.cfg),
+                                     jax.random.PRNGKey(0))}
+    return saved.cfg, unflatten(saved.arrays, template, path)[name], saved.settings

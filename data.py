@@ -42,7 +42,7 @@ EMBEDDED_DIR = pathlib.Path(__file__).parent / "data"
 # share a stream (numpy pads short seeds with zeros: 0, [0] and [0, 0] are one
 # seed, hence the tag in front). The fixed binarizations are fixed forever:
 # validation and test NLLs of different runs compare only on the same bits.
-FIXED_BINARIZATION, SHUFFLE, FRESH_BINARIZATION = 1, 2, 3
+FIXED_BINARIZATION, SHUFFLE, FRESH_BINARIZATION, OTHER_TEST_BINARIZATION = 1, 2, 3, 4
 FIXED_BINARIZATION_SEEDS = {"train": (FIXED_BINARIZATION, 0), "valid": (FIXED_BINARIZATION, 1),
                             "test": (FIXED_BINARIZATION, 2)}
 
@@ -201,12 +201,14 @@ class Dataset:
         return self.train.shape[1:]
 
 
-def load_dataset(name, data_dir=None, binarize_train="fresh"):
+def load_dataset(name, data_dir=None, binarize_train="fresh", test_seed=None):
     """Load dataset ``name`` from ``data_dir`` (the embedded data by default).
 
     ``binarize_train`` (binary datasets only): ``"fresh"`` draws a new
     binarization of every training batch, ``"fixed"`` binarizes the training
-    set once. Raises ``DataError`` for unknown names, a missing ``data_dir``
+    set once. ``test_seed`` (binary datasets only): binarize the test set with
+    this seed instead of the pinned one, to check that a figure holds on any
+    binarization. Raises ``DataError`` for unknown names, a missing ``data_dir``
     for a dataset that is not embedded, and unreadable files.
     """
     if name not in DATASETS:
@@ -220,9 +222,14 @@ def load_dataset(name, data_dir=None, binarize_train="fresh"):
         raise DataError(f"{name}: images have {splits['train'].shape[-1]} channels, "
                         f"expected {spec.channels}")
     fresh = spec.levels == 2 and binarize_train == "fresh"
+    if test_seed is not None and spec.levels != 2:
+        raise DataError(f"{name} is not binarized: a test binarization seed means nothing for it")
     if spec.levels == 2:
+        seeds = dict(FIXED_BINARIZATION_SEEDS)
+        if test_seed is not None:
+            seeds["test"] = (OTHER_TEST_BINARIZATION, test_seed)
         for split in ("valid", "test") if fresh else ("train", "valid", "test"):
-            splits[split] = binarize(splits[split], FIXED_BINARIZATION_SEEDS[split])
+            splits[split] = binarize(splits[split], seeds[split])
     return Dataset(name, spec.channels, spec.levels, fresh_binarization=fresh, **splits)
 
 

@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 import zlib
 
 import jax
@@ -567,7 +568,8 @@ def test_image_grid_tiles_and_scales_images():
 # epoch, each run takes seconds (mostly JAX import and compilation).
 TINY = ["--model", "pixelcnn", "--layers", "1", "--hidden", "4", "--out-hidden", "8",
         "--batch-size", "16", "--train-subset", "64", "--eval-subset", "32",
-        "--eval-batch-size", "16", "--lr", "1e-2", "--epochs", "3", "--num-samples", "0"]
+        "--eval-batch-size", "16", "--lr", "1e-2", "--warmup", "2", "--epochs", "3",
+        "--num-samples", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -647,7 +649,8 @@ def tiny_runs(tmp_path_factory, compile_cache):
 def test_training_writes_every_output_and_the_loss_falls(tiny_runs):
     dirs, results = tiny_runs
     run = dirs["full"]
-    for name in ("config.json", "checkpoint.npz", "best.npz", "metrics.jsonl", "samples.png"):
+    for name in ("config.json", "checkpoint.npz", "best.npz", "metrics.jsonl", "curve.svg",
+                 "samples.png"):
         assert (run / name).is_file(), name
     assert json.loads((run / "config.json").read_text())["config"]["model"] == "pixelcnn"
     *epochs, test = metrics(run)
@@ -687,18 +690,71 @@ def test_the_bar_and_the_validation_line_show_the_same_loss_and_speed(tiny_runs)
 
 
 def test_resume_continues_exactly(tiny_runs):
-    """12 steps in one run == 6 steps, stop, resume, 6 more: same parameters,
-    optimizer state and validation NLL."""
+    """12 steps in one run == 6 steps, stop, resume, 6 more: the same parameters,
+    averaged parameters, optimizer state, learning rates and validation NLL."""
     dirs, results = tiny_runs
     assert [line["step"] for line in results["half_stopped"]] == [4, 6, 6]  # stopped: validated, tested
     full, resumed = (checkpoint_arrays(dirs[name] / "checkpoint.npz") for name in ("full", "half"))
-    assert full.keys() == resumed.keys() and any(name.startswith("opt_state/") for name in full)
+    assert full.keys() == resumed.keys()
+    assert {name.split("/")[0] for name in full} == {"params", "opt_state", "ema", "rng"}
     for name in full:
         np.testing.assert_array_equal(full[name], resumed[name], err_msg=name)
+    assert not np.array_equal(full["params/head/hidden/w"], full["ema/head/hidden/w"])
+    # The schedule planned for the run's 3 epochs, even while --max-steps stopped it at 6.
+    settings = json.loads((dirs["full"] / "config.json").read_text())["settings"]
+    schedule = training.learning_rate(settings, planned_steps=12)
+    for name in ("full", "half"):
+        for line in metrics(dirs[name]):
+            if "lr" in line:
+                assert line["lr"] == pytest.approx(float(schedule(line["step"])), rel=1e-6)
     last_valid = [metrics(dirs[name])[-2]["valid_nll"] for name in ("half", "full")]
     np.testing.assert_allclose(*last_valid, rtol=1e-6)  # XLA:CPU may sum in another order
     assert results["resumed"][1].splitlines()[1] == (
         f"resuming {dirs['half']} at step 6 (epoch 2, batch 2) of 12 steps (3 epochs)")
+
+
+def test_curve_svg_plots_one_point_per_validation(tiny_runs):
+    run = tiny_runs[0]["full"]
+    validations = [line for line in metrics(run) if "valid_nll" in line]
+    svg = ET.fromstring((run / "curve.svg").read_text())
+    circles = [c for c in svg.iter("{http://www.w3.org/2000/svg}circle")
+               if c.get("class") == "validation"]
+    assert len(circles) == len(validations) == 3
+    heights = [float(c.get("cy")) for c in circles]
+    assert heights == sorted(heights)              # the NLL falls: lower on screen is larger y
+    texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert "training images seen" in texts and "NLL (nats)" in texts
+
+
+def test_curve_svg_draws_the_papers_figure_dashed():
+    lines = [{"images": 64 * s, "valid_nll": v, "train_loss": v + 1} for s, v in [(1, 90), (2, 85)]]
+    svg = ET.fromstring(train.curve_svg(lines, "nats", paper=81.3))
+    [paper] = [e for e in svg.iter("{http://www.w3.org/2000/svg}line") if e.get("class") == "paper"]
+    assert paper.get("stroke-dasharray") and paper.get("y1") == paper.get("y2")
+    assert "paper: 81.3" in [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+
+
+def test_evaluate_scores_a_checkpoint_with_its_standard_error(tiny_runs, compile_cache):
+    """train.py --evaluate prints the mean -log_prob of the averaged parameters over the
+    validation and test images, ± the standard error over images."""
+    best = tiny_runs[0]["full"] / "best.npz"
+    code, stdout, stderr = wait(start_train(["--evaluate", str(best), "--eval-subset", "32"],
+                                            compile_cache))
+    assert code == 0, stderr
+    cfg, params, _ = checkpoint.load_params(best)
+    ds = data.load_dataset("mnist")
+    for line, images in zip(stdout.splitlines(), (ds.valid[:32], ds.test[:32])):
+        nll = -np.asarray(pixelrnn.log_prob(params, cfg, images), np.float64)
+        name, mean, _, se, unit, *_ = line.split()
+        assert name in ("valid", "test") and unit == "nats"
+        assert float(mean) == pytest.approx(nll.mean(), abs=2e-4)
+        assert float(se) == pytest.approx(nll.std(ddof=1) / np.sqrt(32), abs=2e-4)
+    other = wait(start_train(["--evaluate", str(best), "--eval-subset", "32", "--test-seed", "1"],
+                             compile_cache))[1].splitlines()
+    assert other[0] == stdout.splitlines()[0] and other[1] != stdout.splitlines()[1]
+    assert other[1].endswith("(32 images, binarization seed 1)")
+    code, _, stderr = wait(start_train(["--evaluate", "nowhere.npz"], compile_cache))
+    assert code == 2 and stderr == "train.py: error: no checkpoint at nowhere.npz\n"
 
 
 def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):

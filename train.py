@@ -51,6 +51,8 @@ SAVE_EVERY = 500       # steps between checkpoints inside an epoch; 0: at epoch 
 LOSS_WINDOW = 50       # the training loss shown is the mean over this many recent steps
 
 EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 130
+# Test NLL in nats of the paper's MNIST models (Table 4), drawn in curve.svg.
+PAPER_MNIST_NLL = {"rowlstm": 80.54, "diagbilstm": 79.20, "pixelcnn": 81.30}
 PROGRAM = "train.py"
 
 # The settings that define a run. They are saved with it; on --resume the
@@ -86,7 +88,17 @@ def parse_args(argv=None):
     add("--residual", action=argparse.BooleanOptionalAction, help="residual connections (default on)")
     add("--batch-size", type=number(int, 1), help=f"global batch (default {d['batch_size']})")
     add("--optimizer", choices=("adam", "rmsprop"), help=f"default {d['optimizer']}")
-    add("--lr", type=number(float, 0, strict=True), help=f"learning rate (default {d['lr']})")
+    add("--lr", type=number(float, 0, strict=True), help=f"peak learning rate (default {d['lr']})")
+    add("--schedule", choices=training.SCHEDULES,
+        help=f"after the warm-up, decay the learning rate to lr * --lr-floor by the end of "
+             f"--epochs (a new --epochs on --resume re-plans the decay from the current step "
+             f"on); default {d['schedule']}")
+    add("--warmup", type=number(int, 0), help=f"steps of linear warm-up (default {d['warmup']})")
+    add("--lr-floor", type=number(float, 0),
+        help=f"the final learning rate as a fraction of --lr (default {d['lr_floor']})")
+    add("--ema", type=number(float, 0),
+        help=f"decay of the parameters' moving average that validation, test, best.npz and "
+             f"samples use; 0: no averaging (default {d['ema']})")
     add("--clip", type=number(float, 0), help=f"gradient-norm clip, 0 for none (default {d['clip']})")
     add("--seed", type=number(int, 0), help=f"default {d['seed']}")
     add("--binarize", choices=("fresh", "fixed"),
@@ -97,7 +109,8 @@ def parse_args(argv=None):
     add("--epochs", type=number(int, 1),
         help=f"train until this many epochs (default {EPOCHS}; on --resume: the run's own)")
     add("--max-steps", type=number(int, 0),
-        help="stop after N steps in all, 0: no limit (default 0; on --resume: the run's own)")
+        help="stop after N steps in all, 0: no limit; the schedule still plans for --epochs "
+             "(default 0; on --resume: the run's own)")
     add("--eval-batch-size", type=number(int, 1), default=EVAL_BATCH_SIZE,
         help=f"default {EVAL_BATCH_SIZE}")
     add("--num-samples", type=number(int, 0), default=NUM_SAMPLES,
@@ -106,6 +119,11 @@ def parse_args(argv=None):
         help=f"steps between checkpoints inside an epoch, 0: epoch ends only (default {SAVE_EVERY})")
     add("--out", help="run folder (default runs/<model>-<dataset>)")
     add("--resume", action="store_true", help="continue the run in --out")
+    add("--evaluate", type=pathlib.Path, metavar="CHECKPOINT",
+        help="train nothing: score CHECKPOINT's averaged parameters on the validation and test "
+             "sets of its run's dataset, with standard errors")
+    add("--test-seed", type=number(int, 0),
+        help="--evaluate: score a test set binarized with this seed instead of the pinned one")
     add("--host-devices", type=number(int, 1), default=training.HOST_DEVICES,
         help=f"CPU only: split the batch over this many XLA devices (default "
              f"{training.HOST_DEVICES}; XLA_FLAGS=--xla_force_host_platform_device_count=N "
@@ -160,6 +178,12 @@ def resolve_target(args, saved):
 def target_steps(target, steps_per_epoch):
     """The step at which a run with ``target`` stops."""
     return min(target["epochs"] * steps_per_epoch, target["max_steps"] or math.inf)
+
+
+def planned_steps(target, steps_per_epoch):
+    """The length the learning-rate schedule plans for: ``--epochs``, whatever ``--max-steps``
+    cuts off, so that a run stopped early and resumed follows the same schedule."""
+    return target["epochs"] * steps_per_epoch
 
 
 def describe_target(target, steps_per_epoch):
@@ -220,9 +244,66 @@ def write_text(path, text):
         f.write(text.encode())
 
 
-def write_metrics(out, lines):
-    """Rewrite ``metrics.jsonl`` (atomically, so a crash never leaves half a line)."""
+def write_record(out, lines, cfg, dataset):
+    """Rewrite ``metrics.jsonl`` from the run's metrics ``lines`` and ``curve.svg`` beside it
+    (each atomically, so a crash never leaves half a line)."""
     write_text(out / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    default_sizes = cfg == pixelrnn.Config(model=cfg.model)
+    paper = PAPER_MNIST_NLL[cfg.model] if dataset == "mnist" and default_sizes else None
+    write_text(out / "curve.svg", curve_svg(lines, nll_unit(cfg)[0], paper))
+
+
+def curve_svg(lines, unit, paper=None):
+    """An SVG chart of a run's validation NLL and training loss (in ``unit``) against
+    images seen: one point per validation line, the paper's figure as a dashed line.
+
+    Plain SVG text, no plotting library: it opens in any browser and on GitHub.
+    """
+    width, height, left, right, top, bottom = 640, 400, 70, 150, 20, 50
+    series = {"validation NLL": [(m["images"], m["valid_nll"]) for m in lines if "valid_nll" in m],
+              "training loss": [(m["images"], m["train_loss"]) for m in lines
+                                if m.get("train_loss") is not None]}
+    colours = {"validation NLL": "#1f77b4", "training loss": "#ff7f0e"}
+    xs = [x for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points] + ([paper] if paper else [])
+    x_max = max(xs + [1])
+    y_low, y_high = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    if y_high - y_low < 1e-9:
+        y_low, y_high = y_low - 1, y_high + 1
+
+    def px(x):
+        return left + (width - left - right) * x / x_max
+
+    def py(y):
+        return top + (height - top - bottom) * (y_high - y) / (y_high - y_low)
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<polyline points="{px(0)},{py(y_high)} {px(0)},{py(y_low)} {px(x_max)},{py(y_low)}" '
+           f'fill="none" stroke="black"/>',
+           f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">'
+           f'training images seen</text>',
+           f'<text transform="translate(16,{(top + height - bottom) / 2}) rotate(-90)" '
+           f'text-anchor="middle">NLL ({unit})</text>']
+    for fraction in (0, 0.5, 1):                 # ticks at both ends and the middle
+        x, y = x_max * fraction, y_low + (y_high - y_low) * fraction
+        svg += [f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:,.0f}</text>',
+                f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>']
+    legend = [(f"paper: {paper}", "gray")] if paper else []
+    if paper:
+        svg.append(f'<line class="paper" x1="{px(0)}" y1="{py(paper):.1f}" x2="{px(x_max)}" '
+                   f'y2="{py(paper):.1f}" stroke="gray" stroke-dasharray="6,4"/>')
+    for name, points in series.items():
+        kind, colour = name.split()[0], colours[name]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        svg.append(f'<polyline class="{kind}" points="{path}" fill="none" stroke="{colour}"/>')
+        svg += [f'<circle class="{kind}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>'
+                for x, y in points]
+        legend.append((name, colour))
+    svg += [f'<text x="{width - right + 8}" y="{top + 10 + 18 * i}" fill="{colour}">{text}</text>'
+            for i, (text, colour) in enumerate(legend)]
+    return "\n".join(svg + ["</svg>"]) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -267,10 +348,13 @@ class Throughput:
     last: float = None         # when the previous step ended; None before the first
 
     def step_done(self, images):
+        """Count a step of ``images`` that ended now; returns its seconds (0 for the first)."""
         now = time.perf_counter()
+        seconds = now - self.last if self.last is not None else 0.0
         if self.last is not None:
-            self.images, self.seconds = self.images + images, self.seconds + now - self.last
+            self.images, self.seconds = self.images + images, self.seconds + seconds
         self.last = now
+        return seconds
 
     def per_second(self):
         return self.images / self.seconds if self.seconds else None
@@ -294,9 +378,9 @@ class Run:
     mesh: jax.sharding.Mesh
     optimizer: object     # an optax.GradientTransformation
     progress: Progress
-    state: dict           # {"params", "opt_state"}, replicated over the mesh
+    state: dict           # {"params", "opt_state", "ema"}, replicated over the mesh
     rng: jax.Array        # the key samples.png is drawn with
-    best_params: dict     # the parameters of the best validation so far (or None)
+    best_params: dict     # the averaged parameters of the best validation so far (or None)
     is_main: bool         # process 0 writes the files
 
     @property
@@ -307,26 +391,23 @@ class Run:
         """All the arrays a checkpoint holds."""
         return dict(self.state, rng=self.rng)
 
-    def save(self, name="checkpoint.npz", params=None):
-        """Write the run's state to ``out/name`` (process 0 only); ``params`` replace the current ones."""
+    def save(self, name="checkpoint.npz", tree=None):
+        """Write ``tree`` (default: the whole state) and the run's record to ``out/name``
+        (process 0 only)."""
         if self.is_main:
-            tree = self.checkpoint_arrays()
-            if params is not None:
-                tree["params"] = params
             checkpoint.write(self.out / name, self.settings, self.target, self.cfg,
-                             self.progress, tree)
+                             self.progress, tree or self.checkpoint_arrays())
 
 
 def make_init(cfg, optimizer):
-    """``init(key) -> {"params", "opt_state", "rng"}``: a new run's arrays.
+    """``init(key) -> {"params", "opt_state", "ema", "rng"}``: a new run's arrays.
 
     Jit it to run it (op by op, every initializer would compile on its own);
     ``jax.eval_shape`` it for the shapes a checkpoint must have.
     """
     def init(key):
         init_key, rng = jax.random.split(key)
-        params = pixelrnn.init(init_key, cfg)
-        return {"params": params, "opt_state": optimizer.init(params), "rng": rng}
+        return dict(training.init_state(pixelrnn.init(init_key, cfg), optimizer), rng=rng)
     return init
 
 
@@ -361,13 +442,13 @@ def start_run(args):
     progress = saved.progress if saved else Progress()
     if saved and saved.cfg != cfg:
         raise UserError(f"{out / 'checkpoint.npz'} was written for another model config: {saved.cfg}")
-    optimizer = training.make_optimizer(settings)
+    steps = data.steps_per_epoch(ds, settings["batch_size"])
+    optimizer = training.make_optimizer(settings, planned_steps(target, steps))
     init, key = make_init(cfg, optimizer), jax.random.PRNGKey(settings["seed"])
     template = jax.eval_shape(init, key)
     tree = checkpoint.unflatten(saved.arrays, template, out / "checkpoint.npz") if saved else None
-    best = (checkpoint.unflatten(best_arrays, template, out / "best.npz")["params"]
-            if best_arrays is not None else None)
-    steps = data.steps_per_epoch(ds, settings["batch_size"])
+    best = (checkpoint.unflatten(best_arrays, {"params": template["params"]},
+                                 out / "best.npz")["params"] if best_arrays is not None else None)
     if saved and progress.tested and progress.step >= target_steps(target, steps):
         print(f"{out} has already trained to {describe_target(target, steps)} and been tested; "
               f"nothing to do (give a larger --epochs or --max-steps to train on)")
@@ -380,12 +461,12 @@ def start_run(args):
             write_text(out / "config.json", json.dumps(
                 {"config": dataclasses.asdict(cfg), "settings": settings, "target": target},
                 indent=2) + "\n")
-            write_metrics(out, progress.metrics)  # drop lines written after the checkpoint
+            write_record(out, progress.metrics, cfg, settings["dataset"])  # drop lines after the checkpoint
         except OSError as e:
             raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
     if not saved:
         tree = jax.jit(init)(key)
-    state = jax.device_put({"params": tree["params"], "opt_state": tree["opt_state"]},
+    state = jax.device_put({name: tree[name] for name in ("params", "opt_state", "ema")},
                            training.replicated(mesh))
     return Run(args, out, settings, target, cfg, ds, mesh, optimizer, progress, state,
                tree["rng"], best, is_main)
@@ -421,14 +502,14 @@ def train_epoch(run, train_step, stop, clock):
     batches = data.train_batches(run.ds, batch_size, run.settings["seed"], p.epoch, p.index)
     with bar:
         for index, images in batches:
-            run.state, loss = train_step(run.state, training.put_batch(images, run.mesh))
+            run.state, loss = train_step(run.state, training.put_batch(images, run.mesh), p.step)
             loss = float(loss)
             if not math.isfinite(loss):
                 kept = run.out / "checkpoint.npz"
                 raise Diverged(f"the training loss is {loss} at step {p.step + 1}; stopped without "
                                f"saving; the last good checkpoint is "
                                f"{kept if kept.exists() else 'none (none was saved yet)'}")
-            clock.step_done(batch_size)
+            p.train_seconds += clock.step_done(batch_size)
             p.step, p.index = p.step + 1, index + 1
             p.recent_losses = (p.recent_losses + [loss])[-LOSS_WINDOW:]
             bar.update(batch_size)
@@ -441,40 +522,51 @@ def train_epoch(run, train_step, stop, clock):
                 run.save()
 
 
-def validate_and_save(run, evaluate, clock):
-    """Validation NLL after an epoch (or the last step): a metrics line, best.npz, checkpoint.npz."""
+def validate_and_save(run, evaluate, learning_rate, clock):
+    """Validation NLL of the averaged parameters after an epoch (or the last step):
+    a metrics line, curve.svg, best.npz, checkpoint.npz."""
     p = run.progress
     unit, factor = nll_unit(run.cfg)
-    valid = evaluate(run.state["params"], run.ds.valid)
+    valid, valid_se = evaluate(run.state["ema"], run.ds.valid)
     train_loss, speed = recent_loss(p), clock.per_second()
-    line = {"epoch": round(p.step / run.steps_per_epoch, 4), "step": p.step, "unit": unit,
-            "valid_nll": valid * factor,
+    line = {"epoch": round(p.step / run.steps_per_epoch, 4), "step": p.step,
+            "images": p.step * run.settings["batch_size"], "unit": unit,
+            "valid_nll": float(valid * factor), "valid_se": float(valid_se * factor),
             "train_loss": train_loss * factor if train_loss is not None else None,
-            "images_per_s": speed}
+            "lr": float(learning_rate(p.step)), "images_per_s": speed,
+            "train_seconds": round(p.train_seconds, 1)}
     p.metrics.append(line)
     if run.is_main:
-        tqdm.write(f"step {p.step}: valid {line['valid_nll']:.4f} {unit}"
+        tqdm.write(f"step {p.step}: valid {line['valid_nll']:.4f} ± {line['valid_se']:.2f} {unit}"
                    + (f", loss {line['train_loss']:.4g} {unit}" if train_loss is not None else "")
                    + (f", {speed:.1f} img/s" if speed else ""))
-        write_metrics(run.out, p.metrics)
+        write_run_record(run)
     if p.best_valid is None or valid < p.best_valid:
-        p.best_valid, p.best_step = valid, p.step
-        run.best_params = run.state["params"]
-        run.save("best.npz")  # before checkpoint.npz: a checkpoint never names a best step not on disk
+        p.best_valid, p.best_step = float(valid), p.step
+        run.best_params = run.state["ema"]
+        # Before checkpoint.npz: a checkpoint never names a best step not on disk.
+        run.save("best.npz", {"params": run.best_params})
     run.save()
     clock.restart()
 
 
+def write_run_record(run):
+    """metrics.jsonl and curve.svg, from the run's metrics lines."""
+    write_record(run.out, run.progress.metrics, run.cfg, run.settings["dataset"])
+
+
 def finish(run, evaluate):
-    """Test NLL and samples.png, both from the best parameters; then the final checkpoint."""
+    """Test NLL and samples.png, both from the best averaged parameters; then the final checkpoint."""
     unit, factor = nll_unit(run.cfg)
     p = run.progress
-    test = evaluate(run.best_params, run.ds.test) * factor
-    p.metrics.append({"step": p.step, "best_step": p.best_step, "unit": unit, "test_nll": test})
+    test, test_se = evaluate(run.best_params, run.ds.test)
+    p.metrics.append({"step": p.step, "best_step": p.best_step, "unit": unit,
+                      "test_nll": float(test * factor), "test_se": float(test_se * factor)})
     p.tested = True
     if run.is_main:
-        print(f"test NLL {test:.4f} {unit} (best validation at step {p.best_step})")
-        write_metrics(run.out, p.metrics)
+        print(f"test NLL {test * factor:.4f} ± {test_se * factor:.2f} {unit} "
+              f"(best validation at step {p.best_step})")
+        write_run_record(run)
     run.save()
     if run.args.num_samples:  # every process samples (the parameters live on all of them)
         start = time.perf_counter()
@@ -500,8 +592,10 @@ def train(args):
             if args.resume:
                 print(f"resuming {run.out} at step {p.step} (epoch {p.epoch + 1}, batch {p.index}) "
                       f"of {describe_target(run.target, run.steps_per_epoch)}")
-        train_step = training.make_train_step(run.cfg, run.optimizer, run.mesh)
+        train_step = training.make_train_step(run.cfg, run.optimizer, run.mesh,
+                                              run.settings["ema"])
         evaluate = training.make_evaluate(run.cfg, run.mesh, args.eval_batch_size)
+        schedule = training.learning_rate(run.settings, planned_steps(run.target, run.steps_per_epoch))
         clock = Throughput()
         last_step = target_steps(run.target, run.steps_per_epoch)
         while p.step < last_step and not stop.requested:
@@ -510,14 +604,32 @@ def train(args):
                 break
             if p.index == run.steps_per_epoch:
                 p.epoch, p.index = p.epoch + 1, 0
-            validate_and_save(run, evaluate, clock)
+            validate_and_save(run, evaluate, schedule, clock)
         if stop.requested:
             run.save()
             checkpoint.fail(f"interrupted at step {p.step}; saved {run.out / 'checkpoint.npz'}; "
                             f"continue with --resume", PROGRAM, EXIT_INTERRUPTED, label="")
         if run.best_params is None:        # a target already reached before any validation
-            validate_and_save(run, evaluate, clock)
+            validate_and_save(run, evaluate, schedule, clock)
         finish(run, evaluate)
+    return 0
+
+
+def evaluate_checkpoint(args):
+    """``--evaluate``: the NLL of a checkpoint's averaged parameters on the validation and
+    test sets of its run's dataset, with standard errors over images. Trains nothing."""
+    training.set_up_devices(args.host_devices)
+    cfg, params, settings = checkpoint.load_params(args.evaluate)
+    ds = data.load_dataset(settings["dataset"], args.data_dir, settings["binarize"], args.test_seed)
+    mesh = training.make_mesh(args.eval_batch_size, args.eval_batch_size)
+    evaluate = training.make_evaluate(cfg, mesh, args.eval_batch_size)
+    params = jax.device_put(params, training.replicated(mesh))
+    unit, factor = nll_unit(cfg)
+    n = args.eval_subset or None
+    for name, images in (("valid", ds.valid[:n]), ("test", ds.test[:n])):
+        nll, se = evaluate(params, images)
+        seed = f", binarization seed {args.test_seed}" if name == "test" and args.test_seed is not None else ""
+        print(f"{name} {nll * factor:.4f} ± {se * factor:.4f} {unit} ({len(images)} images{seed})")
     return 0
 
 
@@ -526,7 +638,7 @@ def main(argv=None):
     a diverged run exits with 1, an interrupted one with 130."""
     args = parse_args(argv)
     try:
-        return train(args)
+        return evaluate_checkpoint(args) if args.evaluate else train(args)
     except (UserError, data.DataError) as e:
         checkpoint.fail(e, PROGRAM)
     except Diverged as e:

@@ -2,9 +2,10 @@
 
     training.set_up_devices(host_devices=2)          # before JAX's first computation
     mesh = training.make_mesh(batch_size=64, eval_batch_size=256)
-    optimizer = training.make_optimizer(training.DEFAULTS)
-    step = training.make_train_step(cfg, optimizer, mesh)
-    state, loss = step(state, training.put_batch(images, mesh))
+    optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=7810)
+    state = training.init_state(pixelrnn.init(key, cfg), optimizer)
+    train_step = training.make_train_step(cfg, optimizer, mesh, training.DEFAULTS["ema"])
+    state, loss = train_step(state, training.put_batch(images, mesh), step)
 
 Data parallelism: every device of every process holds one slice of each
 batch (a 1-D ``jax.sharding.Mesh`` named ``data``); parameters and
@@ -14,7 +15,6 @@ split into host devices, on the GPUs of a node, and on several hosts.
 """
 
 import ctypes
-import functools
 import os
 import socket
 import time
@@ -31,8 +31,10 @@ from checkpoint import UserError
 
 # The settings that define a training run, with their defaults. (The model's
 # sizes default in pixelrnn.Config.) A run saves them; a resumed run keeps them.
-DEFAULTS = dict(dataset="mnist", batch_size=64, optimizer="adam", lr=1e-3, clip=1.0, seed=0,
-                binarize="fresh", train_subset=0, eval_subset=0)
+DEFAULTS = dict(dataset="mnist", batch_size=64, optimizer="adam", lr=1e-3, schedule="cosine",
+                warmup=200, lr_floor=0.05, clip=1.0, ema=0.9995, seed=0, binarize="fresh",
+                train_subset=0, eval_subset=0)
+SCHEDULES = ("cosine", "exponential", "constant")
 HOST_DEVICES = 2       # CPU only: split each batch over this many XLA devices, one per core
 
 
@@ -153,41 +155,80 @@ def put_batch(images, mesh):
 # ---------------------------------------------------------------------------
 
 
-def make_optimizer(settings):
-    """Adam (or RMSProp) after clipping the global gradient norm to ``settings["clip"]`` (0: none)."""
+def learning_rate(settings, planned_steps):
+    """The learning rate as a function of the step: an optax schedule.
+
+    A linear warm-up from 0 over ``warmup`` steps to ``lr``, then a decay to
+    ``lr * lr_floor`` at step ``planned_steps``, the run's planned length:
+    half a cosine (``"cosine"``) or a geometric one (``"exponential"``);
+    ``"constant"`` is ``lr`` throughout.
+    """
+    lr, warmup = settings["lr"], settings["warmup"]
+    decay_steps = max(planned_steps - warmup, 1)
+    if settings["schedule"] == "constant":
+        decay = optax.constant_schedule(lr)
+    elif settings["schedule"] == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=settings["lr_floor"])
+    else:
+        decay = optax.exponential_decay(lr, decay_steps, settings["lr_floor"],
+                                        end_value=lr * settings["lr_floor"])
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def make_optimizer(settings, planned_steps):
+    """Adam (or RMSProp) with the :func:`learning_rate` schedule, after clipping the
+    global gradient norm to ``settings["clip"]`` (0: no clipping)."""
     clip = optax.clip_by_global_norm(settings["clip"]) if settings["clip"] > 0 else optax.identity()
     update = {"adam": optax.adam, "rmsprop": optax.rmsprop}[settings["optimizer"]]
-    return optax.chain(clip, update(settings["lr"]))
+    return optax.chain(clip, update(learning_rate(settings, planned_steps)))
 
 
-def make_train_step(cfg, optimizer, mesh):
-    """The jitted update ``state, images -> state, loss``; ``state = {"params", "opt_state"}``.
+def init_state(params, optimizer):
+    """A new run's training state: parameters, optimizer state, their running average.
 
-    The loss is the mean NLL in nats per image. The images arrive split over
-    the mesh; the results are replicated, so XLA sums the gradients across
+    The average starts as a copy: the train step donates the state's buffers,
+    and one buffer cannot be donated twice.
+    """
+    return {"params": params, "opt_state": optimizer.init(params),
+            "ema": jax.tree.map(jnp.copy, params)}
+
+
+def make_train_step(cfg, optimizer, mesh, ema_decay):
+    """The jitted update ``state, images, step -> state, loss``.
+
+    ``state = {"params", "opt_state", "ema"}``; ``step`` counts the updates
+    before this one. The loss is the mean NLL in nats per image. ``ema`` is
+    the exponential moving average of the parameters (Polyak averaging, as
+    PixelCNN++ evaluates and samples with), with the decay
+    ``min(ema_decay, (1 + step) / (10 + step))`` of TensorFlow's
+    ``ExponentialMovingAverage``, so that the first steps do not hold the
+    average near the initial parameters. The images arrive split over the
+    mesh; the results are replicated, so XLA sums the gradients across
     devices.
     """
     def loss_fn(params, images):
         return -jnp.mean(pixelrnn.log_prob(params, cfg, images))
 
-    def train_step(state, images):
+    def train_step(state, images, step):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], images)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+        params = optax.apply_updates(state["params"], updates)
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+        ema = optax.incremental_update(params, state["ema"], 1.0 - decay)
+        return {"params": params, "opt_state": opt_state, "ema": ema}, loss
 
     return jax.jit(train_step, out_shardings=replicated(mesh), donate_argnums=0)
 
 
 def make_evaluate(cfg, mesh, batch_size):
-    """``evaluate(params, images) -> mean NLL`` in nats per image over all ``images``."""
-    @functools.partial(jax.jit, out_shardings=replicated(mesh))
-    def nll_sum(params, images, count):
-        nll = -pixelrnn.log_prob(params, cfg, images)
-        return jnp.sum(jnp.where(jnp.arange(len(nll)) < count, nll, 0.0))  # drop the padding
+    """``evaluate(params, images) -> (mean, standard error)`` of the NLL over ``images``,
+    in nats per image; the standard error is over images (sample std / sqrt(N))."""
+    nll = jax.jit(lambda params, images: -pixelrnn.log_prob(params, cfg, images),
+                  out_shardings=replicated(mesh))
 
     def evaluate(params, images):
-        total = sum(float(nll_sum(params, put_batch(batch, mesh), count))
-                    for batch, count in data.eval_batches(images, batch_size))
-        return total / len(images)
+        per_image = np.concatenate([np.asarray(nll(params, put_batch(batch, mesh)))[:count]
+                                    for batch, count in data.eval_batches(images, batch_size)])
+        return per_image.mean(), per_image.std(ddof=1) / np.sqrt(len(per_image))
 
     return evaluate
