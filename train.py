@@ -268,8 +268,8 @@ def curve_svg(lines, unit, paper=None):
     ys = [y for points in series.values() for _, y in points] + ([paper] if paper else [])
     x_max = max(xs + [1])
     y_low, y_high = (min(ys), max(ys)) if ys else (0.0, 1.0)
-    if y_high - y_low < 1e-9:
-        y_low, y_high = y_low - 1, y_high + 1
+    pad = 0.05 * (y_high - y_low) or 1.0        # keep the extremes (and the paper's line) off the axes
+    y_low, y_high = y_low - pad, y_high + pad
 
     def px(x):
         return left + (width - left - right) * x / x_max
@@ -432,8 +432,8 @@ def start_run(args):
     Returns None, having written nothing, when a resumed run has nothing
     left to do. Writes config.json.
     """
-    default_out = f"runs/{args.model or pixelrnn.Config.model}-{args.dataset or training.DEFAULTS['dataset']}"
-    out = pathlib.Path(args.out or default_out)
+    model, dataset = args.model or pixelrnn.Config.model, args.dataset or training.DEFAULTS["dataset"]
+    out = pathlib.Path(args.out or f"runs/{model}-{dataset}")
     saved, best_arrays = read_run(args, out)
     settings = resolve_settings(args, saved and saved.settings)
     target = resolve_target(args, saved and saved.target)
@@ -468,6 +468,7 @@ def start_run(args):
         tree = jax.jit(init)(key)
     state = jax.device_put({name: tree[name] for name in ("params", "opt_state", "ema")},
                            training.replicated(mesh))
+    best = jax.device_put(best, training.replicated(mesh)) if best is not None else None
     return Run(args, out, settings, target, cfg, ds, mesh, optimizer, progress, state,
                tree["rng"], best, is_main)
 
@@ -476,7 +477,8 @@ def describe_run(run):
     """The first line of every run: what trains, at what size, on what."""
     devices = jax.devices()
     cfg = run.cfg
-    return (f"training {cfg.model} ({cfg.layers} layer{'s' if cfg.layers > 1 else ''}, h={cfg.hidden}, head {cfg.out_hidden}, "
+    return (f"training {cfg.model} ({cfg.layers} layer{'s' if cfg.layers > 1 else ''}, "
+            f"h={cfg.hidden}, head {cfg.out_hidden}, "
             f"{pixelrnn.parameter_count(run.state['params']):,} parameters) on "
             f"{run.settings['dataset']}, {len(devices)} {devices[0].platform} "
             f"device{'s' if len(devices) > 1 else ''}"
@@ -626,9 +628,9 @@ def evaluate_checkpoint(args):
     params = jax.device_put(params, training.replicated(mesh))
     unit, factor = nll_unit(cfg)
     n = args.eval_subset or None
-    for name, images in (("valid", ds.valid[:n]), ("test", ds.test[:n])):
+    other_seed = "" if args.test_seed is None else f", binarization seed {args.test_seed}"
+    for name, images, seed in (("valid", ds.valid[:n], ""), ("test", ds.test[:n], other_seed)):
         nll, se = evaluate(params, images)
-        seed = f", binarization seed {args.test_seed}" if name == "test" and args.test_seed is not None else ""
         print(f"{name} {nll * factor:.4f} ± {se * factor:.4f} {unit} ({len(images)} images{seed})")
     return 0
 

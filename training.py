@@ -1,7 +1,7 @@
 """The pieces of training that train.py drives and bench.py times.
 
     training.set_up_devices(host_devices=2)          # before JAX's first computation
-    mesh = training.make_mesh(batch_size=64, eval_batch_size=256)
+    mesh = training.make_mesh(batch_size=16, eval_batch_size=256)
     optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=7810)
     state = training.init_state(pixelrnn.init(key, cfg), optimizer)
     train_step = training.make_train_step(cfg, optimizer, mesh, training.DEFAULTS["ema"])
@@ -29,9 +29,10 @@ import data
 import pixelrnn
 from checkpoint import UserError
 
-# The settings that define a training run, with their defaults. (The model's
-# sizes default in pixelrnn.Config.) A run saves them; a resumed run keeps them.
-DEFAULTS = dict(dataset="mnist", batch_size=64, optimizer="adam", lr=1e-3, schedule="cosine",
+# The settings that define a training run, with their defaults: the recipe measured in
+# RESULTS.md. (The model's sizes default in pixelrnn.Config.) A run saves them; a resumed
+# run keeps them.
+DEFAULTS = dict(dataset="mnist", batch_size=16, optimizer="adam", lr=1e-3, schedule="cosine",
                 warmup=200, lr_floor=0.05, clip=1.0, ema=0.9995, seed=0, binarize="fresh",
                 train_subset=0, eval_subset=0)
 SCHEDULES = ("cosine", "exponential", "constant")
