@@ -8,12 +8,14 @@
 
 The run folder (``--out``, default ``runs/<model>-<dataset>``) holds
 
-    config.json     the model config and the training settings
-    checkpoint.npz  the latest state: parameters, optimizer state, step, RNG key,
-                    data position, target and metrics (see checkpoint.py)
-    best.npz        the same, from the step with the best validation NLL
+    config.json     the model config, the training settings and the target
+    checkpoint.npz  the latest state: parameters, their moving average, optimizer
+                    state, step, RNG key, data position, target and metrics
+                    (see checkpoint.py)
+    best.npz        the averaged parameters of the best validation NLL
     metrics.jsonl   one JSON line per validation, and one with the test NLL
-    samples.png     a grid of samples from the best parameters
+    curve.svg       validation NLL and training loss against images seen
+    samples.png     a grid of samples from the best averaged parameters
 
 Every file is replaced atomically. Ctrl-C saves a checkpoint and exits; with
 ``--resume`` training continues as if it had never stopped, to the run's own
