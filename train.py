@@ -351,12 +351,12 @@ class Throughput:
 
     def step_done(self, images):
         """Count a step of ``images`` that ended now; returns its seconds (0 for the first)."""
-        now = time.perf_counter()
-        seconds = now - self.last if self.last is not None else 0.0
-        if self.last is not None:
-            self.images, self.seconds = self.images + images, self.seconds + seconds
+        now, last = time.perf_counter(), self.last
         self.last = now
-        return seconds
+        if last is None:
+            return 0.0
+        self.images, self.seconds = self.images + images, self.seconds + now - last
+        return now - last
 
     def per_second(self):
         return self.images / self.seconds if self.seconds else None
