@@ -2,11 +2,16 @@
 
     python sample.py                                   # 64 samples from the newest trained run
     python sample.py --num 16 --seed 1 --out grid.png
+    python sample.py --model pixelcnn                  # the newest PixelCNN run, else the shipped one
     python sample.py --checkpoint runs/pixelcnn-mnist/checkpoint.npz
     python sample.py --complete                        # the paper's Figure 1
 
 Without ``--checkpoint`` it takes ``best.npz`` (the best validation NLL) of
-the run under ``runs/`` whose ``best.npz`` is newest, and says which.
+the run under ``runs/`` whose ``best.npz`` is newest (of ``--model`` if
+given). Where there is none, as on a fresh clone, it takes the trained
+binarized-MNIST weights shipped in ``weights/``: ``weights/<model>-mnist.npz``,
+by default the shipped model with the paper's best NLL. It says which file it
+used.
 
 ``--complete`` lays out the paper's Figure 1: one test image per row, its
 lower half occluded (grey), then several completions sampled given the upper
@@ -29,6 +34,8 @@ from checkpoint import UserError
 
 # ---- defaults: edit them here or override them on the command line ----
 RUNS = pathlib.Path("runs")  # where train.py writes its runs
+WEIGHTS = pathlib.Path(__file__).resolve().parent / "weights"  # trained models shipped with the code
+SHIPPED = ("diagbilstm", "rowlstm", "pixelcnn")  # by the paper's MNIST NLL: 79.20, 80.54, 81.30 nats
 NUM = 64                     # samples in the grid (8 x 8)
 SEED = 0
 IMAGES = 8                   # --complete: test images, one per row
@@ -39,11 +46,19 @@ PROGRAM = "sample.py"
 def parse_args(argv=None):
     p = checkpoint.OneLineParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     add, number = p.add_argument, checkpoint.number
-    add("--checkpoint", type=pathlib.Path,
-        help=f"a checkpoint .npz written by train.py (default: the newest best.npz under {RUNS}/)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--checkpoint", type=pathlib.Path,
+        help=f"a checkpoint .npz written by train.py (default: the newest best.npz under {RUNS}/, "
+             f"else the shipped weights/<model>-mnist.npz)")
+    which.add_argument(
+        "--model", choices=pixelrnn.MODELS,
+        help="take this model's newest run, else its shipped weights (default: any model's "
+             f"newest run, else the first shipped of {', '.join(SHIPPED)})")
     add("--num", type=number(int, 1), default=NUM, help=f"samples (default {NUM})")
     add("--seed", type=number(int, 0), default=SEED, help=f"default {SEED}")
-    add("--out", type=pathlib.Path, help="PNG to write (default: next to the checkpoint)")
+    add("--out", type=pathlib.Path, help="PNG to write (default: next to the checkpoint; "
+                                               "for shipped weights, <model>-samples_seed<S>.png here)")
     add("--scale", type=number(int, 1), default=data.GRID_SCALE,
         help=f"screen pixels per image pixel (default {data.GRID_SCALE})")
     add("--complete", action="store_true", help="complete occluded test images instead")
@@ -59,14 +74,38 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------
 
 
-def newest_checkpoint(runs=RUNS):
-    """The newest ``best.npz`` under ``runs``: the best parameters of the run that
-    validated last (a run stopped before its first validation has none)."""
-    trained = list(runs.glob("*/best.npz"))
-    if not trained:
-        raise UserError(f"no trained run under {runs}/ (no best.npz): train one first, e.g. "
-                        f"`python train.py --model rowlstm`, or pass --checkpoint PATH")
-    return max(trained, key=lambda path: path.stat().st_mtime)
+def newest_checkpoint(model=None, runs=RUNS):
+    """The newest ``best.npz`` under ``runs`` (of ``model`` if given): the best
+    parameters of the run that validated last, or ``None`` (a run stopped before
+    its first validation has none)."""
+    trained = sorted(runs.glob("*/best.npz"), key=lambda path: path.stat().st_mtime, reverse=True)
+    return next((path for path in trained if model in (None, checkpoint.read(path).cfg.model)), None)
+
+
+def shipped_checkpoint(model=None, weights=WEIGHTS):
+    """``weights/<model>-mnist.npz``, or without ``model`` the first of ``SHIPPED``
+    that is there; ``None`` if it is not there."""
+    paths = (weights / f"{name}-mnist.npz" for name in ([model] if model else SHIPPED))
+    return next((path for path in paths if path.is_file()), None)
+
+
+def choose_checkpoint(model=None, runs=RUNS, weights=WEIGHTS):
+    """The newest trained run's ``best.npz``, else the shipped weights (see the
+    module docstring). Neither: a :class:`UserError` that says how to train one."""
+    path = newest_checkpoint(model, runs) or shipped_checkpoint(model, weights)
+    if path is None:
+        which = f"{model} " if model else ""
+        raise UserError(f"no trained {which}run under {runs}/ (no best.npz) and no shipped "
+                        f"{weights.name}/{model or '<model>'}-mnist.npz: train one first, e.g. "
+                        f"`python train.py --model {model or 'rowlstm'}`, or pass --checkpoint PATH")
+    return path
+
+
+def default_out(path, model, kind, seed, weights=WEIGHTS):
+    """Next to a run's checkpoint; for shipped weights, in the current folder
+    (the repository's ``weights/`` holds only the models)."""
+    name = f"{kind}_seed{seed}.png"
+    return pathlib.Path(f"{model}-{name}") if path.parent == weights else path.parent / name
 
 
 # ---------------------------------------------------------------------------
@@ -133,11 +172,11 @@ def load_test_images(settings, data_dir, cfg, count):
 
 def main(argv=None):
     args = parse_args(argv)
-    path = args.checkpoint or newest_checkpoint()
+    path = args.checkpoint or choose_checkpoint(args.model)
     cfg, params, settings = checkpoint.load_params(path)
     key = jax.random.PRNGKey(args.seed)
     kind = "completions" if args.complete else "samples"
-    out = args.out or path.parent / f"{kind}_seed{args.seed}.png"
+    out = args.out or default_out(path, cfg.model, kind, args.seed)
     if args.complete:
         images = load_test_images(settings, args.data_dir, cfg, args.images)
         completed, compile_s, run_s = draw_completions(params, cfg, key, images, args.completions)

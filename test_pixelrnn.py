@@ -1104,6 +1104,36 @@ def test_sample_py_complete_draws_figure_1_from_test_images(sampling_dir):
     assert read_png(sampling_dir / "big.png").shape == (4 * (2 * 29 + 1), 4 * (5 * 29 + 1))
 
 
+def test_sample_py_takes_the_newest_run_of_a_model_else_its_shipped_weights(tmp_path):
+    """Without --checkpoint: the newest best.npz under runs/ (of --model if given), else
+    weights/<model>-mnist.npz, by default the shipped model with the paper's best NLL."""
+    runs, weights = tmp_path / "runs", tmp_path / "weights"
+    runs.mkdir()
+    weights.mkdir()
+
+    def save(path, model, age):
+        path.parent.mkdir(exist_ok=True)
+        checkpoint.write(path, {}, {}, pixelrnn.Config(model=model), checkpoint.Progress(), {})
+        os.utime(path, (time.time() - age,) * 2)
+        return path
+
+    def choose(model=None):
+        return sample.choose_checkpoint(model, runs, weights)
+
+    pixelcnn, rowlstm = (save(weights / f"{m}-mnist.npz", m, 0) for m in ("pixelcnn", "rowlstm"))
+    assert (choose(), choose("pixelcnn")) == (rowlstm, pixelcnn)
+    with pytest.raises(checkpoint.UserError, match="no shipped weights/diagbilstm-mnist.npz"):
+        choose("diagbilstm")
+    diagbilstm = save(weights / "diagbilstm-mnist.npz", "diagbilstm", 0)
+    assert choose() == diagbilstm
+    older = save(runs / "older" / "best.npz", "pixelcnn", 60)
+    newer = save(runs / "newer" / "best.npz", "rowlstm", 30)
+    assert (choose(), choose("pixelcnn"), choose("diagbilstm")) == (newer, older, diagbilstm)
+    assert sample.default_out(newer, "rowlstm", "samples", 3, weights) == runs / "newer" / "samples_seed3.png"
+    assert sample.default_out(rowlstm, "rowlstm", "samples", 3, weights) == pathlib.Path(
+        "rowlstm-samples_seed3.png")
+
+
 def sample_py_error(args, cwd):
     """The one line sample.py prints on stderr when it exits with code 2."""
     code, _, stderr = run_sample(args, cwd)
@@ -1113,8 +1143,11 @@ def sample_py_error(args, cwd):
 
 
 def test_sample_py_without_a_run_says_how_to_train_one(tmp_path):
-    line = sample_py_error([], tmp_path)
-    assert line.startswith("sample.py: error: no trained run") and "python train.py --model rowlstm" in line
+    line = sample_py_error(["--model", "diagbilstm"], tmp_path)
+    assert line.startswith("sample.py: error: no trained diagbilstm run under runs/")
+    assert "python train.py --model diagbilstm" in line
+    assert sample_py_error(["--model", "pixelcnn", "--checkpoint", "x.npz"], tmp_path).endswith(
+        "argument --checkpoint: not allowed with argument --model")
 
 
 def test_sample_py_rejects_a_corrupt_checkpoint_in_one_line(tmp_path):
