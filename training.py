@@ -9,10 +9,9 @@
 
 Data parallelism: every device of every process holds one slice of each
 batch (a 1-D ``jax.sharding.Mesh`` named ``data``); parameters and
-optimizer state are replicated. Each device computes the gradient of its
-slice on its own and one all-reduce averages the gradients (``shard_map``
-with ``lax.pmean``). The same code runs on one CPU split into host
-devices, on the GPUs of a node, and on several hosts.
+optimizer state are replicated, and one jitted step sums the gradients
+across devices (XLA inserts the all-reduce). The same code runs on one CPU
+split into host devices, on the GPUs of a node, and on several hosts.
 """
 
 import ctypes
@@ -204,33 +203,22 @@ def make_train_step(cfg, optimizer, mesh, ema_decay):
     PixelCNN++ evaluates and samples with), with the decay
     ``min(ema_decay, (1 + step) / (10 + step))`` of TensorFlow's
     ``ExponentialMovingAverage``, so that the first steps do not hold the
-    average near the initial parameters.
-
-    The images arrive split over the mesh. Each device runs the step on its
-    slice (``jax.shard_map``) and the gradients and the loss are averaged
-    across devices once, by ``lax.pmean``; every device then applies the
-    same update to its copy of the state. (Left to XLA's automatic
-    partitioning, the gradients of weights used inside the recurrences'
-    scans were all-reduced at every scan step: one rendezvous of the
-    devices per row, see PERFORMANCE.md.)
+    average near the initial parameters. The images arrive split over the
+    mesh; the results are replicated, so XLA sums the gradients across
+    devices.
     """
     def loss_fn(params, images):
         return -jnp.mean(pixelrnn.log_prob(params, cfg, images))
 
     def train_step(state, images, step):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], images)  # of this slice
-        loss, grads = jax.lax.pmean((loss, grads), "data")                 # of the batch
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], images)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
         ema = optax.incremental_update(params, state["ema"], 1.0 - decay)
         return {"params": params, "opt_state": opt_state, "ema": ema}, loss
 
-    # check_vma=False: gradients inside are each device's own, averaged explicitly above.
-    whole, split = PartitionSpec(), PartitionSpec("data")
-    per_device = jax.shard_map(train_step, mesh=mesh, in_specs=(whole, split, whole),
-                               out_specs=whole, check_vma=False)
-    return jax.jit(per_device, out_shardings=replicated(mesh), donate_argnums=0)
+    return jax.jit(train_step, out_shardings=replicated(mesh), donate_argnums=0)
 
 
 def make_evaluate(cfg, mesh, batch_size):
