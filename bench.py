@@ -3,6 +3,7 @@
     python bench.py                              # all three models, default sizes
     python bench.py --models rowlstm --json      # machine-readable, one JSON object per model
     python bench.py --processes 5 --no-sampling  # training only, medians over 5 fresh processes
+    python bench.py --profile --no-sampling      # and where a train step's time goes, per op kind
 
 For each model at its default size (7 layers h=16 for the LSTMs, 15 blocks
 h=16 for PixelCNN), 28x28 binary images:
@@ -11,6 +12,9 @@ h=16 for PixelCNN), 28x28 binary images:
 * forward FLOPs per image, counted from the layer shapes (the kernel taps
   that the masks leave, which are the ones computed), and the GFLOP/s
   achieved by a train step (taken as 3x the forward FLOPs);
+* with ``--profile``: a ``jax.profiler`` trace of a few train steps, the
+  time of XLA's operations summed per kind (``fusion.12`` and ``fusion.40``
+  are both ``fusion``) over the devices' worker threads;
 * sampling 64 images: the fast sampler (compile time apart) and the
   full-recompute reference, timed over its last sub-pixels and extrapolated
   (every reference step is one whole forward pass, so steps cost the same).
@@ -26,11 +30,16 @@ processes, one after another, and reports each figure's median and the
 range of images/s.
 """
 
+import collections
+import gzip
 import json
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +57,12 @@ WARM_UP_STEPS = 3         # the first steps also grow malloc's heap to its worki
 SAMPLES = 64
 REFERENCE_STEPS = 16      # reference-sampler steps actually timed, then extrapolated
 INK = 0.13                # fraction of binarized MNIST pixels that are 1 (mean intensity 33.4 / 255)
+PROFILED_STEPS = 5
+PROFILE_ROWS = 12         # op kinds listed per model
+# In a trace, XLA's threads are named tf_XLA...; of their events, the operations are
+# those named like HLO instructions ("fusion.12", "all-reduce"), not the bookkeeping.
+XLA_THREAD = "tf_XLA"
+HLO_NAME = re.compile(r"[a-z][\w-]*(\.\d+)?")
 PROGRAM = "bench.py"
 
 
@@ -95,8 +110,9 @@ def forward_flops(cfg):
     return 2 * (input_layer + cfg.layers * layer + head)
 
 
-def bench_training(cfg, batch_size):
-    """``(compile seconds, images per second)`` of train.py's own update step, with its defaults."""
+def bench_training(cfg, batch_size, profile=False):
+    """``(compile seconds, images per second, profile)`` of train.py's own update
+    step, with its defaults; ``profile`` is :func:`profile_steps`'s table, or None."""
     mesh = training.make_mesh(batch_size, batch_size)
     optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=10_000)
     state = training.init_state(pixelrnn.init(jax.random.PRNGKey(0), cfg), optimizer)
@@ -116,7 +132,46 @@ def bench_training(cfg, batch_size):
         loss.block_until_ready()
 
     median_seconds(one_step, WARM_UP_STEPS)
-    return compile_seconds, batch_size / median_seconds(one_step, TIMED_STEPS)
+    images_per_second = batch_size / median_seconds(one_step, TIMED_STEPS)
+    return compile_seconds, images_per_second, profile_steps(one_step) if profile else None
+
+
+def profile_steps(one_step, steps=PROFILED_STEPS):
+    """Where ``steps`` calls of ``one_step`` spend their time, from a ``jax.profiler`` trace.
+
+    Returns ``[(op kind, ms per step, share), ...]``, largest first: each
+    operation's duration on XLA's threads, summed over the devices
+    and grouped by its name without the numeric suffix; the operations of a
+    scan's body are counted on their own, marked "(in a scan)". Shares are
+    of the summed op time; where devices wait for each other (all-reduce)
+    the wait counts as that op's time.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(steps):
+                one_step()
+        [trace_file] = Path(folder).rglob("*.trace.json.gz")
+        events = json.loads(gzip.decompress(trace_file.read_bytes()))["traceEvents"]
+    xla = {(e["pid"], e["tid"]) for e in events
+           if e.get("name") == "thread_name" and e["args"]["name"].startswith(XLA_THREAD)}
+    ops = sorted((e for e in events if e.get("ph") == "X" and (e["pid"], e["tid"]) in xla
+                  and HLO_NAME.fullmatch(e["name"])), key=lambda e: (e["tid"], e["ts"]))
+    per_kind, outer, loop = collections.Counter(), None, None
+
+    def inside(e, around):
+        return around and e["tid"] == around["tid"] and e["ts"] < around["ts"] + around["dur"]
+
+    for e in ops:
+        if e["name"].startswith("while"):      # a scan: count the ops of its body instead
+            loop = e
+            continue
+        if inside(e, outer):        # inside another op (the rendezvous of an all-reduce): part of it
+            continue
+        outer = e
+        kind = re.sub(r"\.\d+$", "", e["name"])
+        per_kind[f"{kind} (in a scan)" if inside(e, loop) else kind] += e["dur"] / 1000 / steps
+    total = sum(per_kind.values())
+    return [(kind, ms, ms / total) for kind, ms in per_kind.most_common()]
 
 
 def bench_sampling(cfg, num):
@@ -137,9 +192,9 @@ def bench_sampling(cfg, num):
     return compile_seconds, fast_seconds, per_step * total_steps
 
 
-def bench_model(model, batch_size, machine_gflops, sampling=True):
+def bench_model(model, batch_size, machine_gflops, sampling=True, profile=False):
     cfg = pixelrnn.Config(model=model)
-    compile_seconds, images_per_second = bench_training(cfg, batch_size)
+    compile_seconds, images_per_second, op_times = bench_training(cfg, batch_size, profile)
     flops = forward_flops(cfg)
     achieved = 3 * flops * images_per_second / 1e9
     row = {
@@ -151,6 +206,8 @@ def bench_model(model, batch_size, machine_gflops, sampling=True):
         "train_gflops": round(achieved, 2),
         "fraction_of_matmul_peak": round(achieved / machine_gflops, 4),
     }
+    if op_times:
+        row["profile_ms_per_step"] = [[kind, round(ms, 3), round(share, 4)] for kind, ms, share in op_times]
     if sampling:
         sample_compile, sample_fast, sample_reference = bench_sampling(cfg, SAMPLES)
         row.update({
@@ -211,10 +268,23 @@ def print_table(machine_gflops, rows):
         print(f"{r['model']:<11}{r['train_images_per_s']:>8.1f}{r['train_compile_s']:>8.1f}s"
               f"{r['forward_mflops_per_image']:>11.1f}{r['train_gflops']:>9.1f}"
               f"{100 * r['fraction_of_matmul_peak']:>6.1f}%{sampling}")
+    for r in rows:
+        if "profile_ms_per_step" in r:
+            print_profile(r["model"], r["devices"], r["profile_ms_per_step"])
     if "processes" in rows[0]:
         print(f"medians of {rows[0]['processes']} processes; img/s ranged over "
               + ", ".join(f"{r['model']} {r['train_images_per_s_range'][0]:.1f}-"
                           f"{r['train_images_per_s_range'][1]:.1f}" for r in rows))
+
+
+def print_profile(model, devices, op_times, rows=PROFILE_ROWS):
+    print(f"{model}: time per train step by op kind, summed over {devices} device(s)")
+    for kind, ms, share in op_times[:rows]:
+        print(f"  {kind:<52}{ms:>9.2f} ms{100 * share:>6.1f}%")
+    rest = op_times[rows:]
+    if rest:
+        print(f"  {f'{len(rest)} other kinds':<52}{sum(ms for _, ms, _ in rest):>9.2f} ms"
+              f"{100 * sum(share for *_, share in rest):>6.1f}%")
 
 
 def main(argv=None):
@@ -229,14 +299,18 @@ def main(argv=None):
                         help="time the train step only")
     parser.add_argument("--processes", type=checkpoint.number(int, 1), default=1,
                         help="run in this many fresh processes, one after another; report medians")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"also trace {PROFILED_STEPS} train steps and list their time per op kind")
     args = parser.parse_args(argv)
+    if args.profile and args.processes > 1:
+        parser.error("--profile traces one process: leave out --processes")
 
     if args.processes > 1:
         machine_gflops, rows = bench_in_processes(args)
     else:
         training.set_up_devices(args.host_devices)
         machine_gflops = matmul_gflops()
-        rows = [bench_model(model, args.batch_size, machine_gflops, args.sampling)
+        rows = [bench_model(model, args.batch_size, machine_gflops, args.sampling, args.profile)
                 for model in args.models]
     if args.json:
         print(json.dumps({"matmul_gflops": round(machine_gflops, 1)}))

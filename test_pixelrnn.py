@@ -1299,6 +1299,28 @@ def test_bench_medians_over_processes_keep_settings_and_report_the_range():
                       "processes": 3}
 
 
+def test_bench_profile_splits_a_step_into_op_kinds_and_counts_scan_bodies_apart():
+    """A traced step of a scan over matrix products: the kinds come largest first, their
+    shares add up to 1, and the ops inside the loop are listed as "(in a scan)", not as
+    one opaque loop."""
+    w = jnp.eye(256) * 0.5
+
+    @jax.jit
+    def step(x):
+        return jnp.tanh(jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x @ w, None, length=20)[0])
+
+    x = jnp.ones((256, 256))
+    step(x).block_until_ready()
+    op_times = bench.profile_steps(lambda: step(x).block_until_ready(), steps=3)
+    kinds = [kind for kind, _, _ in op_times]
+    times = [ms for _, ms, _ in op_times]
+    assert times == sorted(times, reverse=True) and min(times) > 0
+    assert sum(share for *_, share in op_times) == pytest.approx(1, abs=0.01)
+    assert any(kind.endswith("(in a scan)") for kind in kinds)
+    assert not any(kind.startswith("while") for kind in kinds)
+    assert any(not kind.endswith("(in a scan)") for kind in kinds)
+
+
 def test_bench_runs_in_fresh_processes_and_rejects_bad_flags():
     bench_py = [sys.executable, str(pathlib.Path(bench.__file__))]
     out = subprocess.run(bench_py + ["--models", "pixelcnn", "--batch-size", "2", "--host-devices", "1",
@@ -1311,6 +1333,9 @@ def test_bench_runs_in_fresh_processes_and_rejects_bad_flags():
     assert "sample_64_fast_s" not in row
     bad = subprocess.run(bench_py + ["--processes", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--processes: 0 must be >= 1" in bad.stderr
+    both = subprocess.run(bench_py + ["--profile", "--processes", "2"], capture_output=True, text=True)
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "bench.py: error: --profile traces one process: leave out --processes")
     unknown = subprocess.run(bench_py + ["--models", "foo"], capture_output=True, text=True)
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
     assert unknown.stderr.startswith("bench.py: error: argument --models: invalid choice: 'foo'")
