@@ -57,8 +57,9 @@ def parse_args(argv=None):
              f"newest run, else the first shipped of {', '.join(SHIPPED)})")
     add("--num", type=number(int, 1), default=NUM, help=f"samples (default {NUM})")
     add("--seed", type=number(int, 0), default=SEED, help=f"default {SEED}")
-    add("--out", type=pathlib.Path, help="PNG to write (default: next to the checkpoint; "
-                                               "for shipped weights, <model>-samples_seed<S>.png here)")
+    add("--out", type=pathlib.Path,
+        help="PNG to write (default: next to the checkpoint; for shipped weights, "
+             "<model>-samples_seed<S>.png here)")
     add("--scale", type=number(int, 1), default=data.GRID_SCALE,
         help=f"screen pixels per image pixel (default {data.GRID_SCALE})")
     add("--complete", action="store_true", help="complete occluded test images instead")
@@ -79,7 +80,8 @@ def newest_checkpoint(model=None, runs=RUNS):
     parameters of the run that validated last, or ``None`` (a run stopped before
     its first validation has none)."""
     trained = sorted(runs.glob("*/best.npz"), key=lambda path: path.stat().st_mtime, reverse=True)
-    return next((path for path in trained if model in (None, checkpoint.read(path).cfg.model)), None)
+    return next((path for path in trained
+                 if model is None or checkpoint.read(path).cfg.model == model), None)
 
 
 def shipped_checkpoint(model=None, weights=WEIGHTS):
