@@ -658,6 +658,8 @@ def test_training_writes_every_output_and_the_loss_falls(tiny_runs):
     train_loss, valid = [line["train_loss"] for line in epochs], [line["valid_nll"] for line in epochs]
     assert train_loss == sorted(train_loss, reverse=True) and valid == sorted(valid, reverse=True)
     assert test["unit"] == "nats" and 0 < test["test_nll"] < 28 * 28 * np.log(2)
+    best = checkpoint.read(run / "best.npz")   # the shareable file: best parameters, whole record
+    assert best.progress.tested and best.progress.metrics == epochs + [test]
     grid = (2 * 29 + 1) * data.GRID_SCALE                     # 4 samples, 2 x 2, enlarged
     assert read_png(run / "samples.png").shape == (grid, grid)
 

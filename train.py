@@ -12,7 +12,8 @@ The run folder (``--out``, default ``runs/<model>-<dataset>``) holds
     checkpoint.npz  the latest state: parameters, their moving average, optimizer
                     state, step, RNG key, data position, target and metrics
                     (see checkpoint.py)
-    best.npz        the averaged parameters of the best validation NLL
+    best.npz        the averaged parameters of the best validation NLL; once the
+                    run is tested, with its whole record (what weights/ ships)
     metrics.jsonl   one JSON line per validation, and one with the test NLL
     curve.svg       validation NLL and training loss against images seen
     samples.png     a grid of samples from the best averaged parameters
@@ -560,7 +561,8 @@ def write_run_record(run):
 
 
 def finish(run, evaluate):
-    """Test NLL and samples.png, both from the best averaged parameters; then the final checkpoint."""
+    """Test NLL and samples.png, both from the best averaged parameters; then the final
+    best.npz (those parameters with the run's whole record) and checkpoint."""
     unit, factor = nll_unit(run.cfg)
     p = run.progress
     test, test_se = evaluate(run.best_params, run.ds.test)
@@ -571,6 +573,8 @@ def finish(run, evaluate):
         print(f"test NLL {test * factor:.4f} ± {test_se * factor:.2f} {unit} "
               f"(best validation at step {p.best_step})")
         write_run_record(run)
+    # best.npz with the whole record, test included: the file to share or ship.
+    run.save("best.npz", {"params": run.best_params})
     run.save()
     if run.args.num_samples:  # every process samples (the parameters live on all of them)
         start = time.perf_counter()
