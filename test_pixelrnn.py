@@ -1144,10 +1144,20 @@ def sample_py_error(args, cwd):
     return line
 
 
-def test_sample_py_without_a_run_says_how_to_train_one(tmp_path):
-    line = sample_py_error(["--model", "diagbilstm"], tmp_path)
-    assert line.startswith("sample.py: error: no trained diagbilstm run under runs/")
-    assert "python train.py --model diagbilstm" in line
+def test_sample_py_without_a_run_or_shipped_weights_says_how_to_train_one(tmp_path):
+    for script in ROOT.glob("*.py"):                   # the code alone: no runs/, no weights/
+        shutil.copy(script, tmp_path)
+    result = subprocess.run([sys.executable, "sample.py", "--model", "diagbilstm"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stderr == (
+        "sample.py: error: no trained diagbilstm run under runs/ (no best.npz) and no shipped "
+        "weights/diagbilstm-mnist.npz: train one first, e.g. `python train.py --model diagbilstm`, "
+        "or pass --checkpoint PATH\n")
+
+
+def test_sample_py_takes_a_model_or_a_checkpoint_not_both(tmp_path):
+    assert sample_py_error(["--model", "pixelcnn", "--checkpoint", "x.npz"], tmp_path).endswith(
+        "argument --checkpoint: not allowed with argument --model")
     assert sample_py_error(["--model", "pixelcnn", "--checkpoint", "x.npz"], tmp_path).endswith(
         "argument --checkpoint: not allowed with argument --model")
 
