@@ -1185,6 +1185,59 @@ def test_sample_py_imports_no_other_script():
         assert not imported & scripts, f"{name}.py imports {imported & scripts}"
 
 
+# ---- the trained weights shipped in weights/ ----
+
+SHIPPED = sorted((ROOT / "weights").glob("*-mnist.npz"))
+
+
+def readme_test_nll(path):
+    """The test NLL (nats) that the README's Results table gives for the shipped ``path``:
+    the first ``N ± SE`` on the row that names ``weights/<file>``."""
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("|") and f"weights/{path.name}" in line]
+    assert len(rows) == 1, f"the README's Results table has no single row for {path.name}"
+    return float(re.search(r"(\d+\.\d+) ± \d+\.\d+", rows[0])[1])
+
+
+def test_weights_are_shipped_and_each_has_its_readme_row():
+    assert SHIPPED, "no trained weights under weights/"
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"weights/([a-z]+-mnist\.npz)", readme))
+    assert listed == {path.name for path in SHIPPED}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
+def test_shipped_weights_are_small_safe_and_score_the_readme_figure(path):
+    """A shipped file holds the averaged parameters, the config and the training record
+    (no optimizer state), loads without pickle, and scores the README's test NLL on
+    the pinned test binarization, all 10,000 images, to within float rounding."""
+    assert path.stat().st_size < 1_000_000
+    with np.load(path, allow_pickle=False) as f:
+        assert all(name == "meta" or name.startswith("params/") for name in f.files)
+    saved = checkpoint.read(path)
+    assert saved.progress.tested and saved.progress.metrics[-1]["test_nll"]
+    cfg, params, settings = checkpoint.load_params(path)
+    test = data.load_dataset(settings["dataset"], None, settings["binarize"]).test
+    batch = train.EVAL_BATCH_SIZE
+    nll, se = training.make_evaluate(cfg, training.make_mesh(batch, batch), batch)(params, test)
+    assert abs(nll - readme_test_nll(path)) < 0.01, (nll, se)
+    assert abs(nll - saved.progress.metrics[-1]["test_nll"]) < 0.01
+
+
+def test_sample_py_on_a_fresh_clone_draws_digits_from_the_shipped_weights(tmp_path):
+    """No runs/ here, as on a fresh clone: sample.py takes the shipped model with the
+    paper's best NLL, says so, and draws digits (MNIST's ink is 10-20 % of pixels,
+    an untrained model's noise about half)."""
+    code, stdout, stderr = run_sample(["--num", "16"], tmp_path)
+    assert code == 0, stderr
+    shipped = sample.shipped_checkpoint()
+    assert f"from {shipped}" in stdout
+    model = checkpoint.read(shipped).cfg.model
+    grid = read_png(tmp_path / f"{model}-samples_seed0.png")
+    ink = (grid[::data.GRID_SCALE, ::data.GRID_SCALE] == 255).sum() / (16 * 28 * 28)
+    assert 0.05 < ink < 0.3, ink
+
+
 # ---- speed: memory, convolutions, bench.py ----
 
 PAGE_FAULTS_PER_STEP = """
