@@ -1063,9 +1063,9 @@ def sampling_dir(tmp_path_factory, compile_cache):
     return root
 
 
-def run_sample(args, cwd):
-    """Run sample.py in ``cwd``: ``(exit code, stdout, stderr)``."""
-    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd,
+def run_sample(args, cwd, script=ROOT / "sample.py"):
+    """Run ``script`` (the repository's sample.py) in ``cwd``: ``(exit code, stdout, stderr)``."""
+    result = subprocess.run([sys.executable, str(script), *args], cwd=cwd,
                             capture_output=True, text=True, timeout=600)
     return result.returncode, result.stdout, result.stderr
 
@@ -1147,9 +1147,8 @@ def sample_py_error(args, cwd):
 def test_sample_py_without_a_run_or_shipped_weights_says_how_to_train_one(tmp_path):
     for script in ROOT.glob("*.py"):                   # the code alone: no runs/, no weights/
         shutil.copy(script, tmp_path)
-    result = subprocess.run([sys.executable, "sample.py", "--model", "diagbilstm"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2 and result.stderr == (
+    code, _, stderr = run_sample(["--model", "diagbilstm"], tmp_path, tmp_path / "sample.py")
+    assert code == 2 and stderr == (
         "sample.py: error: no trained diagbilstm run under runs/ (no best.npz) and no shipped "
         "weights/diagbilstm-mnist.npz: train one first, e.g. `python train.py --model diagbilstm`, "
         "or pass --checkpoint PATH\n")

@@ -561,8 +561,8 @@ def write_run_record(run):
 
 
 def finish(run, evaluate):
-    """Test NLL and samples.png, both from the best averaged parameters; then the final
-    best.npz (those parameters with the run's whole record) and checkpoint."""
+    """Test NLL of the best averaged parameters; the final best.npz (those parameters
+    with the run's whole record) and checkpoint; then samples.png from the same parameters."""
     unit, factor = nll_unit(run.cfg)
     p = run.progress
     test, test_se = evaluate(run.best_params, run.ds.test)
