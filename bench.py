@@ -34,6 +34,7 @@ import collections
 import gzip
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,12 @@ import training
 MODELS = pixelrnn.MODELS
 BATCH_SIZE = 64
 TIMED_STEPS = 10
-WARM_UP_STEPS = 3         # the first steps also grow malloc's heap to its working size
+# Warm-up: until QUIET_STEPS steps in a row each fault in less than QUIET_FAULT_BYTES of fresh
+# memory (see warm_up), at least MIN_WARM_UP_STEPS and at most MAX_WARM_UP_STEPS steps.
+MIN_WARM_UP_STEPS = 3
+MAX_WARM_UP_STEPS = 100
+QUIET_STEPS = 5
+QUIET_FAULT_BYTES = 4 << 20
 SAMPLES = 64
 REFERENCE_STEPS = 16      # reference-sampler steps actually timed, then extrapolated
 INK = 0.13                # fraction of binarized MNIST pixels that are 1 (mean intensity 33.4 / 255)
@@ -74,6 +80,31 @@ def median_seconds(run, repeats):
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def warm_up(run):
+    """Call ``run()`` until the process's heap has reached its working size; return the calls.
+
+    A fresh process grows malloc's heap during its first train steps: XLA:CPU
+    mallocs each step's scratch buffers in one block per device (823 MB for
+    a Diagonal BiLSTM step at batch 64), and as small long-lived buffers
+    fragment the freed blocks, the heap grows block by block. Each growth is
+    fresh memory, and page-faulting it in costs seconds on these virtual
+    machines (about 15 us per 4 KB page): a step that grows the heap runs at
+    half speed or less. Timed too early, whole runs looked like a "slow
+    mode" (PERFORMANCE.md). So the warm-up lasts until ``QUIET_STEPS`` steps
+    in a row fault in less than ``QUIET_FAULT_BYTES`` each (counted by
+    ``getrusage``), within ``[MIN_WARM_UP_STEPS, MAX_WARM_UP_STEPS]``.
+    """
+    page = resource.getpagesize()
+    calls = quiet = 0
+    while calls < MAX_WARM_UP_STEPS and (calls < MIN_WARM_UP_STEPS or quiet < QUIET_STEPS):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run()
+        faulted = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * page
+        quiet = quiet + 1 if faulted < QUIET_FAULT_BYTES else 0
+        calls += 1
+    return calls
 
 
 def matmul_gflops(size=2048):
@@ -111,8 +142,9 @@ def forward_flops(cfg):
 
 
 def bench_training(cfg, batch_size, profile=False):
-    """``(compile seconds, images per second, profile)`` of train.py's own update
-    step, with its defaults; ``profile`` is :func:`profile_steps`'s table, or None."""
+    """``(compile seconds, warm-up steps, images per second, profile)`` of train.py's own
+    update step, with its defaults, timed after :func:`warm_up`; ``profile`` is
+    :func:`profile_steps`'s table, or None."""
     mesh = training.make_mesh(batch_size, batch_size)
     optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=10_000)
     state = training.init_state(pixelrnn.init(jax.random.PRNGKey(0), cfg), optimizer)
@@ -131,9 +163,10 @@ def bench_training(cfg, batch_size, profile=False):
         holder[0], loss = step(holder[0], images, 1000)
         loss.block_until_ready()
 
-    median_seconds(one_step, WARM_UP_STEPS)
+    warm_up_steps = warm_up(one_step)
     images_per_second = batch_size / median_seconds(one_step, TIMED_STEPS)
-    return compile_seconds, images_per_second, profile_steps(one_step) if profile else None
+    return (compile_seconds, warm_up_steps, images_per_second,
+            profile_steps(one_step) if profile else None)
 
 
 def profile_steps(one_step, steps=PROFILED_STEPS):
@@ -194,7 +227,8 @@ def bench_sampling(cfg, num):
 
 def bench_model(model, batch_size, machine_gflops, sampling=True, profile=False):
     cfg = pixelrnn.Config(model=model)
-    compile_seconds, images_per_second, op_times = bench_training(cfg, batch_size, profile)
+    compile_seconds, warm_up_steps, images_per_second, op_times = bench_training(cfg, batch_size,
+                                                                                   profile)
     flops = forward_flops(cfg)
     achieved = 3 * flops * images_per_second / 1e9
     row = {
@@ -202,6 +236,7 @@ def bench_model(model, batch_size, machine_gflops, sampling=True, profile=False)
         "devices": jax.device_count(),
         "train_images_per_s": round(images_per_second, 1),
         "train_compile_s": round(compile_seconds, 1),
+        "train_warm_up_steps": warm_up_steps,
         "forward_mflops_per_image": round(flops / 1e6, 1),
         "train_gflops": round(achieved, 2),
         "fraction_of_matmul_peak": round(achieved / machine_gflops, 4),
@@ -259,14 +294,14 @@ def bench_in_processes(args):
 def print_table(machine_gflops, rows):
     print(f"dense fp32 2048^2 matmul: {machine_gflops:.0f} GFLOP/s on {rows[0]['devices']} "
           f"{jax.devices()[0].platform} device(s)")
-    print(f"{'model':<11}{'img/s':>8}{'compile':>9}{'MFLOP/img':>11}{'GFLOP/s':>9}{'%peak':>7}"
+    print(f"{'model':<11}{'img/s':>8}{'compile':>9}{'warm-up':>8}{'MFLOP/img':>11}{'GFLOP/s':>9}{'%peak':>7}"
           f"{'sample64':>10}{'(compile)':>10}{'reference':>11}{'speedup':>9}")
     for r in rows:
         sampling = (f"{r['sample_64_fast_s']:>9.2f}s{r['sample_64_fast_compile_s']:>9.1f}s"
                     f"{r['sample_64_reference_s']:>10.1f}s{r['sampling_speedup']:>8.0f}x"
                     if "sampling_speedup" in r else f"{'-':>10}{'-':>10}{'-':>11}{'-':>9}")
         print(f"{r['model']:<11}{r['train_images_per_s']:>8.1f}{r['train_compile_s']:>8.1f}s"
-              f"{r['forward_mflops_per_image']:>11.1f}{r['train_gflops']:>9.1f}"
+              f"{r['train_warm_up_steps']:>8.0f}{r['forward_mflops_per_image']:>11.1f}{r['train_gflops']:>9.1f}"
               f"{100 * r['fraction_of_matmul_peak']:>6.1f}%{sampling}")
     for r in rows:
         if "profile_ms_per_step" in r:

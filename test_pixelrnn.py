@@ -10,10 +10,12 @@ import gzip
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import pathlib
 import pickle
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -1383,6 +1385,29 @@ def test_bench_profile_splits_a_step_into_op_kinds_and_counts_scan_bodies_apart(
     assert any(kind.endswith("(in a scan)") for kind in kinds)
     assert not any(kind.startswith("while") for kind in kinds)
     assert any(not kind.endswith("(in a scan)") for kind in kinds)
+
+
+def test_bench_warms_up_until_steps_stop_faulting_in_fresh_memory(monkeypatch):
+    """The timed steps start once the heap has stopped growing: a step that touches fresh
+    memory (here 16 MB, kept) restarts the count of quiet steps."""
+    kept = []
+
+    def step_growing_for(steps):
+        def step():
+            if len(kept) < steps:
+                fresh = mmap.mmap(-1, 16 << 20)
+                fresh.madvise(mmap.MADV_NOHUGEPAGE)        # faulted in page by page, as the heap grows
+                for offset in range(0, len(fresh), resource.getpagesize()):
+                    fresh[offset] = 1
+                kept.append(fresh)
+        return step
+
+    assert bench.warm_up(step_growing_for(4)) == 4 + bench.QUIET_STEPS
+    kept.clear()
+    assert bench.warm_up(step_growing_for(0)) == max(bench.QUIET_STEPS, bench.MIN_WARM_UP_STEPS)
+    monkeypatch.setattr(bench, "MAX_WARM_UP_STEPS", 6)
+    assert bench.warm_up(step_growing_for(1000)) == 6          # a heap that never settles: capped
+    kept.clear()
 
 
 def test_bench_runs_in_fresh_processes_and_rejects_bad_flags():
