@@ -922,6 +922,17 @@ def test_rgb_data_without_hidden_sizes_says_the_sizes_used(tmp_path, compile_cac
     assert json.loads((tmp_path / "run" / "config.json").read_text())["settings"]["hidden"] == 18
 
 
+def test_the_cpu_is_split_into_one_device_per_usable_core_by_default():
+    assert [training.default_host_devices(cores) for cores in (1, 2, 3, 4, 6, 8, 12, 16)] == [
+        1, 2, 2, 4, 4, 8, 8, 16]
+    # A process allowed on one core (taskset -c 0) trains on one device.
+    one_core = subprocess.run([sys.executable, "-c", "import training; print(training.HOST_DEVICES)"],
+                              cwd=ROOT, capture_output=True, text=True, check=True,
+                              preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    assert one_core.stdout.strip() == "1"
+    assert training.HOST_DEVICES == training.default_host_devices(len(os.sched_getaffinity(0)))
+
+
 def test_batch_not_divisible_by_the_devices_is_one_line_in_a_real_process(tmp_path, compile_cache):
     code, _, stderr = wait(start_train(TINY + ["--batch-size", "15", "--out", str(tmp_path)],
                                        compile_cache, devices=2))

@@ -36,7 +36,21 @@ DEFAULTS = dict(dataset="mnist", batch_size=16, optimizer="adam", lr=1e-3, sched
                 warmup=200, lr_floor=0.05, clip=1.0, ema=0.9995, seed=0, binarize="fresh",
                 train_subset=0, eval_subset=0)
 SCHEDULES = ("cosine", "exponential", "constant")
-HOST_DEVICES = 2       # CPU only: split each batch over this many XLA devices, one per core
+
+
+def default_host_devices(cores):
+    """How many XLA devices to split a CPU with ``cores`` usable cores into: one per core,
+    rounded down to a power of two so that the default batch sizes (16 and 256) split
+    evenly. More devices than cores only adds waiting (PERFORMANCE.md)."""
+    return 1 << (cores.bit_length() - 1)
+
+
+def usable_cores():
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+HOST_DEVICES = default_host_devices(usable_cores())     # CPU only: the default --host-devices
 
 
 # ---------------------------------------------------------------------------
