@@ -85,16 +85,14 @@ def median_seconds(run, repeats):
 def warm_up(run):
     """Call ``run()`` until the process's heap has reached its working size; return the calls.
 
-    A fresh process grows malloc's heap during its first train steps: XLA:CPU
-    mallocs each step's scratch buffers in one block per device (823 MB for
-    a Diagonal BiLSTM step at batch 64), and as small long-lived buffers
-    fragment the freed blocks, the heap grows block by block. Each growth is
-    fresh memory, and page-faulting it in costs seconds on these virtual
-    machines (about 15 us per 4 KB page): a step that grows the heap runs at
-    half speed or less. Timed too early, whole runs looked like a "slow
-    mode" (PERFORMANCE.md). So the warm-up lasts until ``QUIET_STEPS`` steps
-    in a row fault in less than ``QUIET_FAULT_BYTES`` each (counted by
-    ``getrusage``), within ``[MIN_WARM_UP_STEPS, MAX_WARM_UP_STEPS]``.
+    XLA:CPU mallocs a step's scratch memory as one block per device and frees
+    it after the step. In a fresh process, small buffers that outlive a step
+    fragment the freed blocks, so the heap grows block by block during the
+    first tens of steps, and a step that faults in a fresh block runs at half
+    speed or less (PERFORMANCE.md, "The slow mode"). Timing starts after
+    ``QUIET_STEPS`` steps in a row that each fault in less than
+    ``QUIET_FAULT_BYTES`` (minor page faults, from ``getrusage``); the warm-up
+    lasts from ``MIN_WARM_UP_STEPS`` to ``MAX_WARM_UP_STEPS`` steps.
     """
     page = resource.getpagesize()
     calls = quiet = 0
@@ -294,15 +292,15 @@ def bench_in_processes(args):
 def print_table(machine_gflops, rows):
     print(f"dense fp32 2048^2 matmul: {machine_gflops:.0f} GFLOP/s on {rows[0]['devices']} "
           f"{jax.devices()[0].platform} device(s)")
-    print(f"{'model':<11}{'img/s':>8}{'compile':>9}{'warm-up':>8}{'MFLOP/img':>11}{'GFLOP/s':>9}{'%peak':>7}"
-          f"{'sample64':>10}{'(compile)':>10}{'reference':>11}{'speedup':>9}")
+    print(f"{'model':<11}{'img/s':>8}{'compile':>9}{'warm-up':>8}{'MFLOP/img':>11}{'GFLOP/s':>9}"
+          f"{'%peak':>7}{'sample64':>10}{'(compile)':>10}{'reference':>11}{'speedup':>9}")
     for r in rows:
         sampling = (f"{r['sample_64_fast_s']:>9.2f}s{r['sample_64_fast_compile_s']:>9.1f}s"
                     f"{r['sample_64_reference_s']:>10.1f}s{r['sampling_speedup']:>8.0f}x"
                     if "sampling_speedup" in r else f"{'-':>10}{'-':>10}{'-':>11}{'-':>9}")
         print(f"{r['model']:<11}{r['train_images_per_s']:>8.1f}{r['train_compile_s']:>8.1f}s"
-              f"{r['train_warm_up_steps']:>8.0f}{r['forward_mflops_per_image']:>11.1f}{r['train_gflops']:>9.1f}"
-              f"{100 * r['fraction_of_matmul_peak']:>6.1f}%{sampling}")
+              f"{r['train_warm_up_steps']:>8.0f}{r['forward_mflops_per_image']:>11.1f}"
+              f"{r['train_gflops']:>9.1f}{100 * r['fraction_of_matmul_peak']:>6.1f}%{sampling}")
     for r in rows:
         if "profile_ms_per_step" in r:
             print_profile(r["model"], r["devices"], r["profile_ms_per_step"])
