@@ -925,10 +925,11 @@ def test_rgb_data_without_hidden_sizes_says_the_sizes_used(tmp_path, compile_cac
 def test_the_cpu_is_split_into_one_device_per_usable_core_by_default():
     assert [training.default_host_devices(cores) for cores in (1, 2, 3, 4, 6, 8, 12, 16)] == [
         1, 2, 2, 4, 4, 8, 8, 16]
-    # A process allowed on one core (taskset -c 0) trains on one device.
-    one_core = subprocess.run([sys.executable, "-c", "import training; print(training.HOST_DEVICES)"],
-                              cwd=ROOT, capture_output=True, text=True, check=True,
-                              preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    # A process allowed on one core (as under taskset -c 0) trains on one device.
+    one_core = subprocess.run(
+        [sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+                               "import training; print(training.HOST_DEVICES)"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
     assert one_core.stdout.strip() == "1"
     assert training.HOST_DEVICES == training.default_host_devices(len(os.sched_getaffinity(0)))
 
