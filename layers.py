@@ -74,7 +74,7 @@ def init_conv(key, kh, kw, features_in, features_out):
     return {"w": w, "b": jnp.zeros((features_out,))}
 
 
-def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1):
+def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1, product=jnp.matmul):
     """2-D convolution, stride 1, whose kernel is multiplied by :func:`conv_mask`:
     ``(B, H, W, F_in) -> (B, H', W', F_out)``.
 
@@ -84,11 +84,11 @@ def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1):
     irrelevant whatever the optimiser does. ``"SAME"`` keeps the map size
     (zeros outside the image); ``"VALID"`` is used by the fast sampler to
     evaluate one position from a patch. Where :func:`im2col_is_faster`, the
-    same values come from :func:`im2col_conv` instead.
+    same values come from :func:`im2col_conv` instead, with ``product``.
     """
     mask = conv_mask(params["w"].shape, channels, mask_type, blocks)
     if im2col_is_faster():
-        return im2col_conv(params, x, padding, mask)
+        return im2col_conv(params, x, padding, mask, product)
     y = lax.conv_general_dilated(x, params["w"] * mask, window_strides=(1, 1), padding=padding,
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + params["b"]
@@ -104,7 +104,7 @@ def im2col_is_faster():
     return jax.default_backend() == "cpu"
 
 
-def im2col_conv(params, x, padding="SAME", mask=None):
+def im2col_conv(params, x, padding="SAME", mask=None, product=jnp.matmul):
     """The fast path of :func:`masked_conv`: the same convolution as one matrix product.
 
     Output ``(r, c)`` is the sum over kernel taps ``(dy, dx)`` of the
@@ -115,8 +115,10 @@ def im2col_conv(params, x, padding="SAME", mask=None):
     once by the stacked kernel ``(T * F_in, F_out)`` ("im2col"). With
     ``mask=None`` it is an unmasked convolution: the state-to-state
     convolutions, which read only earlier pixels, run this way everywhere
-    (a matrix product per step inside the scans). A test keeps it equal to
-    ``lax.conv_general_dilated``, values and gradients.
+    (a matrix product per step inside the scans). ``product(patches,
+    kernel)`` multiplies: ``jnp.matmul``, or :func:`patches_times_kernel`.
+    A test keeps it equal to ``lax.conv_general_dilated``, values and
+    gradients.
     """
     w = params["w"] if mask is None else params["w"] * mask
     kh, kw = w.shape[:2]
@@ -125,8 +127,40 @@ def im2col_conv(params, x, padding="SAME", mask=None):
         x = jnp.pad(x, [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)])
     out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     shifted = [x[:, dy:dy + out_h, dx:dx + out_w] for dy, dx in taps]
-    y = jnp.concatenate(shifted, -1) @ jnp.concatenate([w[tap] for tap in taps], 0)
+    y = product(jnp.concatenate(shifted, -1), jnp.concatenate([w[tap] for tap in taps], 0))
     return y + params["b"]
+
+
+@jax.custom_vjp
+def patches_times_kernel(patches, kernel):
+    """``patches @ kernel``, ``(..., K) x (K, F) -> (..., F)``, whose kernel gradient is
+    a product that XLA:CPU hands to YNNPACK, its fast matrix-product library.
+
+    The kernel gradient sums ``patches^T dy`` over all positions. Left to
+    autodiff, that is a product whose left operand is transposed, which
+    XLA:CPU's YNNPACK path refuses (it falls back to a slower
+    kernel) unless the automatic partitioner happens to lay the patches out
+    transposed. Here the backward pass materialises ``patches^T`` itself,
+    behind ``lax.optimization_barrier`` so that XLA cannot fold the
+    transpose back into the product. The copy costs time: it pays off in the
+    Row LSTM, whose train step computes each device's gradient on its own
+    (see training.py and PERFORMANCE.md), not in the other models. The
+    values and gradients are ``patches @ kernel``'s (a test checks them).
+    """
+    return patches @ kernel
+
+
+def _patches_times_kernel_forward(patches, kernel):
+    return patches @ kernel, (patches, kernel)
+
+
+def _patches_times_kernel_backward(saved, dy):
+    patches, kernel = saved
+    patches_t = lax.optimization_barrier(patches.reshape(-1, patches.shape[-1]).T)   # (K, N)
+    return dy @ kernel.T, patches_t @ dy.reshape(-1, dy.shape[-1])
+
+
+patches_times_kernel.defvjp(_patches_times_kernel_forward, _patches_times_kernel_backward)
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +207,8 @@ def row_lstm_step(state_to_state, carry, gates_from_input):
     every position it reads is in an earlier row, so nothing needs hiding.
     """
     hidden_above, cell_above = carry
-    from_above = im2col_conv(state_to_state, hidden_above[:, None])[:, 0]   # (B, W, 4h)
+    from_above = im2col_conv(state_to_state, hidden_above[:, None],
+                             product=patches_times_kernel)[:, 0]           # (B, W, 4h)
     gates = gates_from_input + from_above
     hidden, cell = lstm_cell(gates, cell_above)
     return (hidden, cell), hidden
@@ -187,7 +222,8 @@ def row_lstm(params, x, channels):
     Each output sees a triangle above it (and the pixels to its left, via the
     mask-A input layer and the mask-B convolutions).
     """
-    gates_from_input = masked_conv(params["input_to_state"], x, channels, "B", blocks=4)
+    gates_from_input = masked_conv(params["input_to_state"], x, channels, "B", blocks=4,
+                                   product=patches_times_kernel)
     batch, _, width, _ = x.shape
     hidden_size = params["state_to_state"]["w"].shape[2]
     zeros = jnp.zeros((batch, width, hidden_size), x.dtype)
@@ -197,7 +233,7 @@ def row_lstm(params, x, channels):
 
     _, hidden_rows = lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_from_input, 0, 1))
     hidden = jnp.swapaxes(hidden_rows, 0, 1)
-    return masked_conv(params["output"], hidden, channels, "B")
+    return masked_conv(params["output"], hidden, channels, "B", product=patches_times_kernel)
 
 
 # ---------------------------------------------------------------------------

@@ -761,6 +761,47 @@ def test_evaluate_scores_a_checkpoint_with_its_standard_error(tiny_runs, compile
     assert code == 2 and stderr == "train.py: error: no checkpoint at nowhere.npz\n"
 
 
+PER_DEVICE_STEP_CHECK = """
+import jax, numpy as np, training, pixelrnn
+cfg = pixelrnn.Config(model="rowlstm", layers=2, hidden=4, out_hidden=8)
+mesh = training.make_mesh(8, 8)
+optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=10)
+images = (np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.int32)
+
+def two_steps():
+    state = training.init_state(pixelrnn.init(jax.random.PRNGKey(0), cfg), optimizer)
+    step = training.make_train_step(cfg, optimizer, mesh, 0.9995)
+    batch = training.put_batch(images, mesh)
+    hlo = step.lower(state, batch, 0).compile().as_text()
+    losses = []
+    for i in range(2):
+        state, loss = step(state, batch, i)
+        losses.append(float(loss))
+    return losses, state, hlo.count(" all-reduce(")
+
+per_device = two_steps()
+training.PER_DEVICE_GRADIENTS = ()
+partitioned = two_steps()
+np.testing.assert_allclose(per_device[0], partitioned[0], rtol=1e-5)
+for a, b in zip(jax.tree.leaves(per_device[1]), jax.tree.leaves(partitioned[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+print(jax.device_count(), per_device[2], partitioned[2])
+"""
+
+
+def test_row_lstm_per_device_gradients_give_the_partitioned_update_with_one_all_reduce():
+    """On 2 host devices the Row LSTM's shard_map step (each device's gradient, then one
+    pmean) computes the same losses and state as the automatically partitioned step, which
+    all-reduces inside the scans (one all-reduce per layer in the loop body, and the rest)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-c", PER_DEVICE_STEP_CHECK], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    devices, per_device_all_reduces, partitioned_all_reduces = map(int, out.stdout.split())
+    assert devices == 2 and training.PER_DEVICE_GRADIENTS == ("rowlstm",)
+    assert per_device_all_reduces == 1 and partitioned_all_reduces > 2
+
+
 def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):
     dirs, results = tiny_runs
     assert "2 cpu devices" in results["two_devices"][1]
@@ -1344,6 +1385,23 @@ def test_unmasked_im2col_equals_the_lax_convolution(kh, kw):
     for got, want in zip(jax.tree.leaves(conv_values_and_gradients(fast, params, x)),
                          jax.tree.leaves(conv_values_and_gradients(plain, params, x))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_patches_times_kernel_is_a_plain_product_with_the_same_gradients():
+    """The Row LSTM's product (kernel gradient through a materialised transpose) is
+    ``patches @ kernel``: values and both gradients."""
+    patches = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 12))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (12, 8))
+    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 5, 8))
+
+    def values_and_gradients(product):
+        def loss(patches, kernel):
+            return jnp.sum(jnp.sin(product(patches, kernel)) * weights)
+        return product(patches, kernel), jax.grad(loss, argnums=(0, 1))(patches, kernel)
+
+    for got, want in zip(jax.tree.leaves(values_and_gradients(layers.patches_times_kernel)),
+                         jax.tree.leaves(values_and_gradients(jnp.matmul))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_im2col_runs_on_the_cpu_only():
