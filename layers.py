@@ -134,7 +134,8 @@ def im2col_conv(params, x, padding="SAME", mask=None, product=jnp.matmul):
 @jax.custom_vjp
 def patches_times_kernel(patches, kernel):
     """``patches @ kernel``, ``(..., K) x (K, F) -> (..., F)``, whose kernel gradient is
-    a product that XLA:CPU hands to YNNPACK, its fast matrix-product library.
+    a product that XLA:CPU hands to YNNPACK, its fast matrix-product library. A speed
+    path only: a reader learning the model can skip it.
 
     The kernel gradient sums ``patches^T dy`` over all positions. Left to
     autodiff, that is a product whose left operand is transposed, which

@@ -17,7 +17,6 @@ hosts.
 """
 
 import ctypes
-import functools
 import os
 import socket
 import time
@@ -236,20 +235,23 @@ def make_train_step(cfg, optimizer, mesh, ema_decay):
     def loss_fn(params, images):
         return -jnp.mean(pixelrnn.log_prob(params, cfg, images))
 
-    def train_step(state, images, step, average=lambda loss_and_grads: loss_and_grads):
-        loss, grads = average(jax.value_and_grad(loss_fn)(state["params"], images))
+    per_device = cfg.model in PER_DEVICE_GRADIENTS
+
+    def train_step(state, images, step):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], images)
+        if per_device:      # inside shard_map: this device's slice only, so average once
+            loss, grads = jax.lax.pmean((loss, grads), "data")
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
         ema = optax.incremental_update(params, state["ema"], 1.0 - decay)
         return {"params": params, "opt_state": opt_state, "ema": ema}, loss
 
-    if cfg.model in PER_DEVICE_GRADIENTS:
+    if per_device:
         whole, split = PartitionSpec(), PartitionSpec("data")
         # check_vma=False: the gradients inside are each device's own until pmean averages them.
-        train_step = jax.shard_map(
-            functools.partial(train_step, average=lambda tree: jax.lax.pmean(tree, "data")),
-            mesh=mesh, in_specs=(whole, split, whole), out_specs=whole, check_vma=False)
+        train_step = jax.shard_map(train_step, mesh=mesh, in_specs=(whole, split, whole),
+                                   out_specs=whole, check_vma=False)
     return jax.jit(train_step, out_shardings=replicated(mesh), donate_argnums=0)
 
 
