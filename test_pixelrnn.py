@@ -1212,8 +1212,8 @@ def test_sample_py_without_a_run_or_shipped_weights_says_how_to_train_one(tmp_pa
 def test_sample_py_takes_a_model_or_a_checkpoint_not_both(tmp_path):
     assert sample_py_error(["--model", "pixelcnn", "--checkpoint", "x.npz"], tmp_path).endswith(
         "argument --checkpoint: not allowed with argument --model")
-    assert sample_py_error(["--model", "pixelcnn", "--checkpoint", "x.npz"], tmp_path).endswith(
-        "argument --checkpoint: not allowed with argument --model")
+    assert sample_py_error(["--checkpoint", "x.npz", "--model", "pixelcnn"], tmp_path).endswith(
+        "argument --model: not allowed with argument --checkpoint")
 
 
 def test_sample_py_rejects_a_corrupt_checkpoint_in_one_line(tmp_path):
@@ -1290,6 +1290,22 @@ def test_sample_py_on_a_fresh_clone_draws_digits_from_the_shipped_weights(tmp_pa
     grid = read_png(tmp_path / f"{model}-samples_seed0.png")
     ink = (grid[::data.GRID_SCALE, ::data.GRID_SCALE] == 255).sum() / (16 * 28 * 28)
     assert 0.05 < ink < 0.3, ink
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
+def test_sample_py_completes_test_images_with_each_shipped_model(tmp_path, path):
+    """``--model M --complete`` on a fresh clone uses weights/M-mnist.npz, says so, and
+    keeps the given upper half of each test image."""
+    model = path.name.removesuffix("-mnist.npz")
+    code, stdout, stderr = run_sample(["--model", model, "--complete", "--images", "2",
+                                       "--completions", "2", "--scale", "1"], tmp_path)
+    assert code == 0, stderr
+    assert f"from {sample.shipped_checkpoint(model)}" in stdout
+    grid = read_png(tmp_path / f"{model}-completions_seed0.png")
+    originals = data.load_dataset("mnist").test[:2, ..., 0] * 255
+    for row, original in enumerate(originals):
+        completed = grid[1 + 29 * row:15 + 29 * row, 1 + 29:29 + 29]     # first completion, upper half
+        np.testing.assert_array_equal(completed, original[:14])
 
 
 # ---- speed: memory, convolutions, bench.py ----
