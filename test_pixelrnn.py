@@ -825,12 +825,15 @@ def test_two_distributed_processes_train_as_one_process_with_two_devices(tiny_ru
     np.testing.assert_allclose(two_processes[-1]["test_nll"], two_devices[-1]["test_nll"], rtol=1e-5)
 
 
-def test_a_missing_or_unreachable_coordinator_is_one_line(tmp_path, compile_cache):
+def test_a_missing_or_unreachable_coordinator_or_absent_peer_is_one_line(tmp_path, compile_cache):
+    """Each is a user mistake: one line and exit code 2, not JAX's C++ abort."""
     missing = wait(start_train(TINY + ["--out", str(tmp_path), "--distributed"], compile_cache))
-    unreachable = wait(start_train(TINY + ["--out", str(tmp_path), "--coordinator-timeout", "1"]
-                                   + distributed(1, free_port()), compile_cache))
+    unreachable, alone = (wait(start_train(TINY + ["--out", str(tmp_path), "--coordinator-timeout",
+                                                   "1"] + distributed(process_id, free_port()),
+                                           compile_cache)) for process_id in (1, 0))
     for (code, _, stderr), expected in ((missing, "--distributed: coordinator_address"),
-                                        (unreachable, "no coordinator at 127.0.0.1:")):
+                                        (unreachable, "no coordinator at 127.0.0.1:"),
+                                        (alone, "0 of the 1 other processes joined within 1 s")):
         assert code == 2 and stderr.count("\n") == 1, stderr
         assert stderr.startswith(f"train.py: error: {expected}"), stderr
     assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -86,14 +86,16 @@ def keep_freed_memory():
     libc.mallopt(m_trim_threshold, -1)             # -1: never trim
 
 
-def wait_for_coordinator(address, process_id, timeout):
+def wait_for_coordinator(address, process_id, timeout, num_processes=None):
     """Check, before JAX does, that the coordinator ``host:port`` can be used.
 
-    Process 0 runs the coordinator, so it must be able to bind the port;
-    the others retry connecting until ``timeout`` seconds. (JAX itself
-    aborts the process with a C++ stack trace when the coordinator stays
-    unreachable.) ``process_id`` None (found by JAX from the cluster later):
-    only the address is checked. Raises :class:`UserError`.
+    JAX itself aborts the process with a C++ stack trace when a process
+    never joins, so this handshake comes first. Process 0 runs the
+    coordinator: it binds the port and, when ``num_processes`` is known,
+    holds it until each other process has connected once, then frees it
+    for JAX. The others retry connecting until ``timeout`` seconds.
+    ``process_id`` None (found by JAX from the cluster later): only the
+    address is checked. Raises :class:`UserError`.
     """
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -101,12 +103,8 @@ def wait_for_coordinator(address, process_id, timeout):
     if process_id is None:
         return
     if process_id == 0:
-        try:
-            with socket.create_server(("", int(port))):
-                return
-        except OSError as e:
-            raise UserError(f"process 0 cannot serve the coordinator on port {port}: "
-                            f"{e.strerror or e}") from None
+        serve_until_peers_connect(address, (num_processes or 1) - 1, timeout)
+        return
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -117,6 +115,27 @@ def wait_for_coordinator(address, process_id, timeout):
                 raise UserError(f"no coordinator at {address} after {timeout} s: start process 0 "
                                 f"first, with the same --coordinator") from None
             time.sleep(0.5)
+
+
+def serve_until_peers_connect(address, peers, timeout):
+    """Process 0's side of :func:`wait_for_coordinator`: accept one connection
+    from each of the ``peers`` other processes within ``timeout`` seconds.
+    Raises :class:`UserError`."""
+    port = int(address.rpartition(":")[2])
+    try:
+        server = socket.create_server(("", port))
+    except OSError as e:
+        raise UserError(f"process 0 cannot serve the coordinator on port {port}: "
+                        f"{e.strerror or e}") from None
+    deadline = time.monotonic() + timeout
+    with server:
+        for joined in range(peers):
+            server.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                server.accept()[0].close()
+            except TimeoutError:
+                raise UserError(f"{joined} of the {peers} other processes joined within "
+                                f"{timeout} s: start each with --coordinator {address}") from None
 
 
 def set_up_devices(host_devices=HOST_DEVICES, distributed=False, coordinator=None,
@@ -140,7 +159,7 @@ def set_up_devices(host_devices=HOST_DEVICES, distributed=False, coordinator=Non
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     address = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
-        wait_for_coordinator(address, process_id, timeout)
+        wait_for_coordinator(address, process_id, timeout, num_processes)
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout)
