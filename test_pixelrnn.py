@@ -1325,10 +1325,12 @@ images = jnp.zeros((64, 28, 28, 1), jnp.int32)
 step = jax.jit(jax.grad(lambda p: pixelrnn.log_prob(p, cfg, images).sum()))
 for _ in range(3):
     jax.block_until_ready(step(params))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+per_step = []
 for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(step(params))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    per_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(per_step)[2])    # the median step: a heap still growing faults in one step, not all
 """
 
 
@@ -1341,8 +1343,6 @@ def test_keep_freed_memory_stops_xla_scratch_buffers_page_faulting_every_step():
 
     plain, kept = faults("plain"), faults("keep")
     assert plain > 10_000          # the 80 MB scratch buffer is faulted in again every step
-    if kept >= plain / 4:          # seen once in a full suite run (11,000 against 0 usually): retry
-        kept = faults("keep")
     assert kept < plain / 4
 
 
