@@ -103,7 +103,7 @@ def wait_for_coordinator(address, process_id, timeout, num_processes=None):
     if process_id is None:
         return
     if process_id == 0:
-        serve_until_peers_connect(address, (num_processes or 1) - 1, timeout)
+        serve_until_peers_connect(address, int(port), (num_processes or 1) - 1, timeout)
         return
     deadline = time.monotonic() + timeout
     while True:
@@ -117,11 +117,10 @@ def wait_for_coordinator(address, process_id, timeout, num_processes=None):
             time.sleep(0.5)
 
 
-def serve_until_peers_connect(address, peers, timeout):
-    """Process 0's side of :func:`wait_for_coordinator`: accept one connection
-    from each of the ``peers`` other processes within ``timeout`` seconds.
-    Raises :class:`UserError`."""
-    port = int(address.rpartition(":")[2])
+def serve_until_peers_connect(address, port, peers, timeout):
+    """Process 0's side of :func:`wait_for_coordinator`: on ``port`` (of ``address``,
+    for the message), accept one connection from each of the ``peers`` other
+    processes within ``timeout`` seconds. Raises :class:`UserError`."""
     try:
         server = socket.create_server(("", port))
     except OSError as e:
