@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 import xml.etree.ElementTree as ET
 import zlib
 
@@ -671,6 +672,15 @@ def test_the_first_line_gives_the_sizes_actually_used(tiny_runs):
     assert stdout.splitlines()[0] == (
         f"training pixelcnn (1 layer, h=4, head 8, {parameter_count(TINY)} parameters) on mnist, "
         f"1 cpu device, to 12 steps (3 epochs), into {tiny_runs[0]['full']}")
+
+
+def test_the_first_line_names_the_connections_switched_off():
+    cfg = pixelrnn.Config(model="pixelcnn", layers=1, hidden=4, out_hidden=8, skip=False,
+                          residual=False)
+    run = types.SimpleNamespace(cfg=cfg, state={"params": pixelrnn.init(jax.random.PRNGKey(0), cfg)},
+                                settings={"dataset": "mnist"}, target={"epochs": 1, "max_steps": 0},
+                                steps_per_epoch=4, out="runs/x")
+    assert "h=4, head 8, no skip connections, no residual connections, " in train.describe_run(run)
 
 
 def parameter_count(argv):

@@ -480,8 +480,10 @@ def describe_run(run):
     """The first line of every run: what trains, at what size, on what."""
     devices = jax.devices()
     cfg = run.cfg
+    switched_off = "".join(f"no {wiring} connections, " for wiring in ("skip", "residual")
+                           if not getattr(cfg, wiring))
     return (f"training {cfg.model} ({cfg.layers} layer{'s' if cfg.layers > 1 else ''}, "
-            f"h={cfg.hidden}, head {cfg.out_hidden}, "
+            f"h={cfg.hidden}, head {cfg.out_hidden}, {switched_off}"
             f"{pixelrnn.parameter_count(run.state['params']):,} parameters) on "
             f"{run.settings['dataset']}, {len(devices)} {devices[0].platform} "
             f"device{'s' if len(devices) > 1 else ''}"
