@@ -291,22 +291,81 @@ def init_diagonal_bilstm(key, features, hidden):
     }
 
 
-def diagonal_lstm_step(state_to_state, carry, gates_from_input):
+def read_previous_column(hidden_prev):
+    """What each position of a column reads from the previous column's state.
+
+    ``hidden_prev (..., H, h)`` -> ``(..., H, 2h)``: position ``r`` gets the
+    state at row ``r - 1`` (the pixel above; zeros for the top row) and the
+    state at row ``r`` (the pixel to the left), in the order of the
+    state-to-state kernel's two rows.
+    """
+    pad = [(0, 0)] * (hidden_prev.ndim - 2) + [(1, 0), (0, 0)]
+    hidden_above = jnp.pad(hidden_prev, pad)[..., :-1, :]
+    return jnp.concatenate([hidden_above, hidden_prev], axis=-1)
+
+
+def diagonal_lstm_step(kernel, carry, gates_from_input):
     """Advance both directions' LSTMs by one column of the skewed map.
 
-    ``carry = (hidden, cell)``, each ``(2, B, H, h)``: the previous column;
-    ``gates_from_input (2, B, H, 4h)``: this column's input-to-state part,
-    which already holds the state-to-state bias. Position ``r`` reads the
-    previous column at rows ``r - 1`` (the pixel above) and ``r`` (the pixel
-    to the left).
+    ``kernel (2, 2, 1, h, 4h)`` is the state-to-state kernel of both
+    directions; ``carry = (hidden, cell)``, each ``(2, B, H, h)``: the
+    previous column; ``gates_from_input (2, B, H, 4h)``: this column's
+    input-to-state part, which already holds the state-to-state bias.
     """
     hidden_prev, cell_prev = carry
-    hidden_above = jnp.pad(hidden_prev, [(0, 0), (0, 0), (1, 0), (0, 0)])[:, :, :-1]
-    both_rows = jnp.concatenate([hidden_above, hidden_prev], axis=-1)   # (2, B, H, 2h)
-    kernel = state_to_state["w"].reshape(2, -1, state_to_state["w"].shape[-1])
-    gates = gates_from_input + jnp.einsum("dbhk,dkg->dbhg", both_rows, kernel)
+    kernel = kernel.reshape(2, -1, kernel.shape[-1])                     # (2, 2h, 4h)
+    gates = gates_from_input + jnp.einsum("dbhk,dkg->dbhg", read_previous_column(hidden_prev),
+                                          kernel)
     hidden, cell = lstm_cell(gates, cell_prev)
     return (hidden, cell), hidden
+
+
+def diagonal_lstm_scan(kernel, columns):
+    """The recurrence over the columns of the skewed map, from a zero state.
+
+    ``kernel (2, 2, 1, h, 4h)``; ``columns (T, 2, B, H, 4h)``: the
+    input-to-state gates of the ``T = W + H - 1`` columns, both directions.
+    Returns the hidden state of every column, ``(T, 2, B, H, h)``.
+    """
+    zeros = jnp.zeros(columns.shape[1:-1] + (kernel.shape[-2],), columns.dtype)
+
+    def step(carry, column):
+        return diagonal_lstm_step(kernel, carry, column)
+
+    return lax.scan(step, (zeros, zeros), columns)[1]
+
+
+@jax.custom_vjp
+def diagonal_lstm_scan_fast(kernel, columns):
+    """:func:`diagonal_lstm_scan`, with the kernel gradient summed once, after the
+    backward scan. A speed path only: a reader learning the model can skip it.
+
+    Left to autodiff, the backward scan adds each column's share of the
+    state-to-state kernel gradient as it goes. With the batch split over
+    devices, XLA's partitioner then all-reduces that gradient at every
+    column: 55 waits for the other device per layer and step. Here the
+    backward scan returns each column's gate gradients (which the
+    input-to-state part needs anyway), and the kernel gradient is one
+    product over all columns afterwards, all-reduced once. Values and
+    gradients are :func:`diagonal_lstm_scan`'s (a test checks them).
+    """
+    return diagonal_lstm_scan(kernel, columns)
+
+
+def _diagonal_lstm_scan_forward(kernel, columns):
+    hidden, backward_scan = jax.vjp(lambda c: diagonal_lstm_scan(kernel, c), columns)
+    return hidden, (backward_scan, hidden, kernel)
+
+
+def _diagonal_lstm_scan_backward(saved, d_hidden):
+    backward_scan, hidden, kernel = saved
+    (d_gates,) = backward_scan(d_hidden)                             # (T, 2, B, H, 4h)
+    hidden_prev = jnp.concatenate([jnp.zeros_like(hidden[:1]), hidden[:-1]])
+    d_kernel = jnp.einsum("tdbhk,tdbhg->dkg", read_previous_column(hidden_prev), d_gates)
+    return d_kernel.reshape(kernel.shape), d_gates
+
+
+diagonal_lstm_scan_fast.defvjp(_diagonal_lstm_scan_forward, _diagonal_lstm_scan_backward)
 
 
 def diagonal_bilstm(params, x, channels):
@@ -314,7 +373,7 @@ def diagonal_bilstm(params, x, channels):
 
     Direction 0 scans the image's diagonals left to right; direction 1 does
     the same on the horizontally mirrored image. Both run in one
-    ``lax.scan``. The input-to-state part is a ``1 x 1`` mask-B convolution,
+    ``lax.scan`` (:func:`diagonal_lstm_scan`). The input-to-state part is a ``1 x 1`` mask-B convolution,
     computed on the unskewed map (no work wasted on the skew padding) and
     then skewed. Direction 1's output is mirrored back and **shifted down one
     row** before the two are added: unshifted it would see pixels to the
@@ -327,18 +386,11 @@ def diagonal_bilstm(params, x, channels):
     of each row it does not, but no image position reads it (they read the
     previous column at the same row and the row above).
     """
-    batch, height, width, _ = x.shape
-    hidden_size = params["output"]["w"].shape[2]
     gates = jax.vmap(lambda p: masked_conv(p, x, channels, "B", blocks=4))(params["input_to_state"])
     gates = gates + params["state_to_state"]["b"][:, None, None, None, :]
     gates = jnp.stack([gates[0], gates[1][:, :, ::-1]])               # (2, B, H, W, 4h)
     columns = jnp.moveaxis(skew(gates), 3, 0)                         # (W+H-1, 2, B, H, 4h)
-    zeros = jnp.zeros((2, batch, height, hidden_size), x.dtype)
-
-    def step(carry, column):
-        return diagonal_lstm_step(params["state_to_state"], carry, column)
-
-    _, hidden_columns = lax.scan(step, (zeros, zeros), columns)
+    hidden_columns = diagonal_lstm_scan_fast(params["state_to_state"]["w"], columns)
     hidden = unskew(jnp.moveaxis(hidden_columns, 0, 3))               # (2, B, H, W, h)
     combined = hidden[0] + shift_down(hidden[1][:, :, ::-1])
     return masked_conv(params["output"], combined, channels, "B")

@@ -795,21 +795,27 @@ partitioned = two_steps()
 np.testing.assert_allclose(per_device[0], partitioned[0], rtol=1e-5)
 for a, b in zip(jax.tree.leaves(per_device[1]), jax.tree.leaves(partitioned[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-print(jax.device_count(), per_device[2], partitioned[2])
+diagonal = pixelrnn.Config(model="diagbilstm", layers=2, hidden=4, out_hidden=8)
+state = training.init_state(pixelrnn.init(jax.random.PRNGKey(0), diagonal), optimizer)
+diagonal_step = training.make_train_step(diagonal, optimizer, mesh, 0.9995)
+diagonal_hlo = diagonal_step.lower(state, training.put_batch(images, mesh), 0).compile().as_text()
+print(jax.device_count(), per_device[2], partitioned[2], diagonal_hlo.count(" all-reduce("))
 """
 
 
-def test_row_lstm_per_device_gradients_give_the_partitioned_update_with_one_all_reduce():
+def test_the_recurrent_models_all_reduce_once_per_step_on_two_devices():
     """On 2 host devices the Row LSTM's shard_map step (each device's gradient, then one
     pmean) computes the same losses and state as the automatically partitioned step, which
-    all-reduces inside the scans (one all-reduce per layer in the loop body, and the rest)."""
+    all-reduces inside the scans (one all-reduce per layer in the loop body, and the rest).
+    The Diagonal BiLSTM, partitioned automatically, sums its state-to-state kernel gradient
+    after the scan (layers.diagonal_lstm_scan_fast), so its step has one all-reduce too."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = subprocess.run([sys.executable, "-c", PER_DEVICE_STEP_CHECK], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    devices, per_device_all_reduces, partitioned_all_reduces = map(int, out.stdout.split())
+    devices, per_device, partitioned, diagonal = map(int, out.stdout.split())
     assert devices == 2 and training.PER_DEVICE_GRADIENTS == ("rowlstm",)
-    assert per_device_all_reduces == 1 and partitioned_all_reduces > 2
+    assert per_device == 1 and partitioned > 2 and diagonal == 1
 
 
 def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):
@@ -1430,6 +1436,23 @@ def test_patches_times_kernel_is_a_plain_product_with_the_same_gradients():
 
     for got, want in zip(jax.tree.leaves(values_and_gradients(layers.patches_times_kernel)),
                          jax.tree.leaves(values_and_gradients(jnp.matmul))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_diagonal_lstm_scan_fast_has_the_plain_scans_values_and_gradients():
+    """The Diagonal BiLSTM's recurrence with its kernel gradient summed after the backward
+    scan equals the plain ``lax.scan`` left to autodiff: values and both gradients."""
+    kernel = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 1, 4, 16))
+    columns = jax.random.normal(jax.random.PRNGKey(1), (9, 2, 3, 5, 16))
+    weights = jax.random.normal(jax.random.PRNGKey(2), (9, 2, 3, 5, 4))
+
+    def values_and_gradients(scan):
+        def loss(kernel, columns):
+            return jnp.sum(jnp.sin(scan(kernel, columns)) * weights)
+        return jax.value_and_grad(loss, argnums=(0, 1))(kernel, columns)
+
+    for got, want in zip(jax.tree.leaves(values_and_gradients(layers.diagonal_lstm_scan_fast)),
+                         jax.tree.leaves(values_and_gradients(layers.diagonal_lstm_scan))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
