@@ -345,8 +345,8 @@ def diagonal_lstm_scan_fast(kernel, columns):
     devices, XLA's partitioner then all-reduces that gradient at every
     column: 55 waits for the other device per layer and step. Here the
     backward scan returns each column's gate gradients (which the
-    input-to-state part needs anyway), and the kernel gradient is one
-    product over all columns afterwards, all-reduced once. Values and
+    input-to-state part needs anyway), and the kernel gradient is computed
+    from them for all columns afterwards, all-reduced once. Values and
     gradients are :func:`diagonal_lstm_scan`'s (a test checks them).
     """
     return diagonal_lstm_scan(kernel, columns)
@@ -361,7 +361,11 @@ def _diagonal_lstm_scan_backward(saved, d_hidden):
     backward_scan, hidden, kernel = saved
     (d_gates,) = backward_scan(d_hidden)                             # (T, 2, B, H, 4h)
     hidden_prev = jnp.concatenate([jnp.zeros_like(hidden[:1]), hidden[:-1]])
-    d_kernel = jnp.einsum("tdbhk,tdbhg->dkg", read_previous_column(hidden_prev), d_gates)
+    # One product per column and direction, then the sum over columns. With the columns
+    # and directions as the products' leading batch axes, XLA:CPU copies only the read
+    # states into the transposed layout its fast products need; one "tdbhk,tdbhg->dkg"
+    # product made it copy both operands, and ran slower (PERFORMANCE.md).
+    d_kernel = jnp.einsum("tdbhk,tdbhg->tdkg", read_previous_column(hidden_prev), d_gates).sum(0)
     return d_kernel.reshape(kernel.shape), d_gates
 
 
