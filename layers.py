@@ -74,7 +74,7 @@ def init_conv(key, kh, kw, features_in, features_out):
     return {"w": w, "b": jnp.zeros((features_out,))}
 
 
-def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1, product=jnp.matmul):
+def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1):
     """2-D convolution, stride 1, whose kernel is multiplied by :func:`conv_mask`:
     ``(B, H, W, F_in) -> (B, H', W', F_out)``.
 
@@ -84,11 +84,11 @@ def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1, produc
     irrelevant whatever the optimiser does. ``"SAME"`` keeps the map size
     (zeros outside the image); ``"VALID"`` is used by the fast sampler to
     evaluate one position from a patch. Where :func:`im2col_is_faster`, the
-    same values come from :func:`im2col_conv` instead, with ``product``.
+    same values come from :func:`im2col_conv` instead.
     """
     mask = conv_mask(params["w"].shape, channels, mask_type, blocks)
     if im2col_is_faster():
-        return im2col_conv(params, x, padding, mask, product)
+        return im2col_conv(params, x, padding, mask)
     y = lax.conv_general_dilated(x, params["w"] * mask, window_strides=(1, 1), padding=padding,
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + params["b"]
@@ -104,64 +104,36 @@ def im2col_is_faster():
     return jax.default_backend() == "cpu"
 
 
-def im2col_conv(params, x, padding="SAME", mask=None, product=jnp.matmul):
-    """The fast path of :func:`masked_conv`: the same convolution as one matrix product.
+def im2col(x, kh, kw, padding="SAME", mask=None):
+    """The inputs that a ``kh x kw`` convolution multiplies, side by side ("im2col").
 
-    Output ``(r, c)`` is the sum over kernel taps ``(dy, dx)`` of the
-    (padded) input at ``(r + dy, c + dx)`` times the tap's
-    ``(F_in, F_out)`` matrix. Only the taps that ``mask`` leaves nonzero are
-    computed (a mask-B ``3 x 3`` kernel has 5 of 9): the shifted inputs of
-    all ``T`` taps are stacked, ``(B, H', W', T * F_in)``, and multiplied
-    once by the stacked kernel ``(T * F_in, F_out)`` ("im2col"). With
-    ``mask=None`` it is an unmasked convolution: the state-to-state
-    convolutions, which read only earlier pixels, run this way everywhere
-    (a matrix product per step inside the scans). ``product(patches,
-    kernel)`` multiplies: ``jnp.matmul``, or :func:`patches_times_kernel`.
-    A test keeps it equal to ``lax.conv_general_dilated``, values and
-    gradients.
+    ``x (B, H, W, F)`` -> ``patches (B, H', W', T * F)`` and the list of the
+    ``T`` taps ``(dy, dx)`` they hold: at output ``(r, c)``, the (padded)
+    input at ``(r + dy, c + dx)`` for each tap that ``mask`` leaves nonzero
+    (all taps when ``mask`` is None). Padding as ``lax``: ``"SAME"`` puts
+    ``(k - 1) // 2`` zeros before and ``k // 2`` after; ``"VALID"`` none.
     """
-    w = params["w"] if mask is None else params["w"] * mask
-    kh, kw = w.shape[:2]
     taps = [(dy, dx) for dy in range(kh) for dx in range(kw) if mask is None or mask[dy, dx].any()]
-    if padding == "SAME":     # as lax: (k - 1) // 2 zeros before, k // 2 after
+    if padding == "SAME":
         x = jnp.pad(x, [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)])
     out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    shifted = [x[:, dy:dy + out_h, dx:dx + out_w] for dy, dx in taps]
-    y = product(jnp.concatenate(shifted, -1), jnp.concatenate([w[tap] for tap in taps], 0))
-    return y + params["b"]
+    return jnp.concatenate([x[:, dy:dy + out_h, dx:dx + out_w] for dy, dx in taps], -1), taps
 
 
-@jax.custom_vjp
-def patches_times_kernel(patches, kernel):
-    """``patches @ kernel``, ``(..., K) x (K, F) -> (..., F)``, whose kernel gradient is
-    a product that XLA:CPU hands to YNNPACK, its fast matrix-product library. A speed
-    path only: a reader learning the model can skip it.
+def im2col_conv(params, x, padding="SAME", mask=None):
+    """The fast path of :func:`masked_conv`: the same convolution as one matrix product.
 
-    The kernel gradient sums ``patches^T dy`` over all positions. Left to
-    autodiff, that is a product whose left operand is transposed, which
-    XLA:CPU's YNNPACK path refuses (it falls back to a slower
-    kernel) unless the automatic partitioner happens to lay the patches out
-    transposed. Here the backward pass materialises ``patches^T`` itself,
-    behind ``lax.optimization_barrier`` so that XLA cannot fold the
-    transpose back into the product. The copy costs time: it pays off in the
-    Row LSTM, whose train step computes each device's gradient on its own
-    (see training.py and PERFORMANCE.md), not in the other models. The
-    values and gradients are ``patches @ kernel``'s (a test checks them).
+    The :func:`im2col` patches ``(B, H', W', T * F_in)`` of the taps that
+    ``mask`` leaves (a mask-B ``3 x 3`` kernel has 5 of 9) times the stacked
+    kernel ``(T * F_in, F_out)`` of those taps. With ``mask=None`` it is an
+    unmasked convolution: the state-to-state convolutions, which read only
+    earlier pixels, run this way everywhere (a matrix product per step
+    inside the scans). A test keeps it equal to ``lax.conv_general_dilated``,
+    values and gradients.
     """
-    return patches @ kernel
-
-
-def _patches_times_kernel_forward(patches, kernel):
-    return patches @ kernel, (patches, kernel)
-
-
-def _patches_times_kernel_backward(saved, dy):
-    patches, kernel = saved
-    patches_t = lax.optimization_barrier(patches.reshape(-1, patches.shape[-1]).T)   # (K, N)
-    return dy @ kernel.T, patches_t @ dy.reshape(-1, dy.shape[-1])
-
-
-patches_times_kernel.defvjp(_patches_times_kernel_forward, _patches_times_kernel_backward)
+    w = params["w"] if mask is None else params["w"] * mask
+    patches, taps = im2col(x, *w.shape[:2], padding, mask)
+    return patches @ jnp.concatenate([w[tap] for tap in taps], 0) + params["b"]
 
 
 # ---------------------------------------------------------------------------
@@ -182,6 +154,47 @@ def lstm_cell(gates, cell_prev):
     cell = jax.nn.sigmoid(f) * cell_prev + jax.nn.sigmoid(i) * jnp.tanh(g)
     hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
     return hidden, cell
+
+
+def kernel_gradient_after_scan(scan, kernel_gradient):
+    """``scan(params, gates) -> hidden``, with the gradient of ``params`` computed
+    once, after the backward scan. A speed path only: a reader learning the
+    model can skip it.
+
+    ``scan`` runs an LSTM recurrence over the input-to-state ``gates`` (rows,
+    or columns of the skewed map, as its leading axis) with state-to-state
+    parameters ``params``. Left to autodiff, the backward scan adds each
+    step's share of the parameters' gradient as it goes; with the batch
+    split over devices, XLA's partitioner then all-reduces that share at
+    every step, one wait for every device per image row or diagonal. Here
+    the backward scan returns only the gates' gradients ``d_gates`` (which
+    the input-to-state convolution needs anyway), and
+    ``kernel_gradient(params, hidden, d_gates)`` computes the parameters'
+    gradient from them and from the saved states, after the scan: one
+    all-reduce per step of training (PERFORMANCE.md). Values and gradients
+    are ``scan``'s (a test checks both layers).
+    """
+    @jax.custom_vjp
+    def scan_fast(params, gates):
+        return scan(params, gates)
+
+    def forward(params, gates):
+        hidden, backward_scan = jax.vjp(lambda g: scan(params, g), gates)
+        return hidden, (backward_scan, params, hidden)
+
+    def backward(saved, d_hidden):
+        backward_scan, params, hidden = saved
+        (d_gates,) = backward_scan(d_hidden)
+        return kernel_gradient(params, hidden, d_gates), d_gates
+
+    scan_fast.defvjp(forward, backward)
+    return scan_fast
+
+
+def previous_steps(hidden):
+    """The state each scan step started from: ``hidden (T, ...)`` moved one step on,
+    zeros first."""
+    return jnp.concatenate([jnp.zeros_like(hidden[:1]), hidden[:-1]])
 
 
 # ---------------------------------------------------------------------------
@@ -208,33 +221,55 @@ def row_lstm_step(state_to_state, carry, gates_from_input):
     every position it reads is in an earlier row, so nothing needs hiding.
     """
     hidden_above, cell_above = carry
-    from_above = im2col_conv(state_to_state, hidden_above[:, None],
-                             product=patches_times_kernel)[:, 0]           # (B, W, 4h)
+    from_above = im2col_conv(state_to_state, hidden_above[:, None])[:, 0]   # (B, W, 4h)
     gates = gates_from_input + from_above
     hidden, cell = lstm_cell(gates, cell_above)
     return (hidden, cell), hidden
+
+
+def row_lstm_scan(state_to_state, gates_from_input):
+    """The recurrence down the rows, from a zero state: input-to-state gates
+    ``(H, B, W, 4h)``, rows first -> the hidden state of every row ``(H, B, W, h)``."""
+    zeros = jnp.zeros(gates_from_input.shape[1:-1] + (state_to_state["w"].shape[2],),
+                      gates_from_input.dtype)
+
+    def step(carry, row_gates):
+        return row_lstm_step(state_to_state, carry, row_gates)
+
+    return lax.scan(step, (zeros, zeros), gates_from_input)[1]
+
+
+def row_lstm_kernel_gradient(state_to_state, hidden, d_gates):
+    """The state-to-state parameters' gradient, from every row's state ``hidden
+    (H, B, W, h)`` and gate gradients ``d_gates (H, B, W, 4h)``: each row's
+    :func:`im2col` patches of the row above, times its gate gradients, summed."""
+    rows, batch, width, features = hidden.shape
+    patches, _ = im2col(previous_steps(hidden).reshape(rows * batch, 1, width, features),
+                        *state_to_state["w"].shape[:2])
+    patches = patches.reshape(rows, batch, width, -1)                    # (H, B, W, k * h)
+    # One product per row, then the sum over rows. With the rows as the products' batch
+    # axis, XLA:CPU copies only the patches into the transposed layout its fast products
+    # need; a single product over all rows makes it copy both operands (PERFORMANCE.md).
+    d_kernel = jnp.einsum("rbwk,rbwg->rkg", patches, d_gates).sum(0)
+    return {"w": d_kernel.reshape(state_to_state["w"].shape), "b": d_gates.sum((0, 1, 2))}
+
+
+row_lstm_scan_fast = kernel_gradient_after_scan(row_lstm_scan, row_lstm_kernel_gradient)
 
 
 def row_lstm(params, x, channels):
     """Row LSTM layer: ``(B, H, W, 2h) -> (B, H, W, 2h)`` (before the residual add).
 
     The input-to-state ``1 x k`` convolution with mask B is computed for the
-    whole map at once; ``lax.scan`` then runs the recurrence down the rows.
-    Each output sees a triangle above it (and the pixels to its left, via the
-    mask-A input layer and the mask-B convolutions).
+    whole map at once; ``lax.scan`` then runs the recurrence down the rows
+    (:func:`row_lstm_scan`). Each output sees a triangle above it (and the
+    pixels to its left, via the mask-A input layer and the mask-B
+    convolutions).
     """
-    gates_from_input = masked_conv(params["input_to_state"], x, channels, "B", blocks=4,
-                                   product=patches_times_kernel)
-    batch, _, width, _ = x.shape
-    hidden_size = params["state_to_state"]["w"].shape[2]
-    zeros = jnp.zeros((batch, width, hidden_size), x.dtype)
-
-    def step(carry, row_gates):
-        return row_lstm_step(params["state_to_state"], carry, row_gates)
-
-    _, hidden_rows = lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_from_input, 0, 1))
+    gates_from_input = masked_conv(params["input_to_state"], x, channels, "B", blocks=4)
+    hidden_rows = row_lstm_scan_fast(params["state_to_state"], jnp.swapaxes(gates_from_input, 0, 1))
     hidden = jnp.swapaxes(hidden_rows, 0, 1)
-    return masked_conv(params["output"], hidden, channels, "B", product=patches_times_kernel)
+    return masked_conv(params["output"], hidden, channels, "B")
 
 
 # ---------------------------------------------------------------------------
@@ -335,41 +370,18 @@ def diagonal_lstm_scan(kernel, columns):
     return lax.scan(step, (zeros, zeros), columns)[1]
 
 
-@jax.custom_vjp
-def diagonal_lstm_scan_fast(kernel, columns):
-    """:func:`diagonal_lstm_scan`, with the kernel gradient summed once, after the
-    backward scan. A speed path only: a reader learning the model can skip it.
-
-    Left to autodiff, the backward scan adds each column's share of the
-    state-to-state kernel gradient as it goes. With the batch split over
-    devices, XLA's partitioner then all-reduces that gradient at every
-    column: 55 waits for the other device per layer and step. Here the
-    backward scan returns each column's gate gradients (which the
-    input-to-state part needs anyway), and the kernel gradient is computed
-    from them for all columns afterwards, all-reduced once. Values and
-    gradients are :func:`diagonal_lstm_scan`'s (a test checks them).
-    """
-    return diagonal_lstm_scan(kernel, columns)
+def diagonal_lstm_kernel_gradient(kernel, hidden, d_gates):
+    """The state-to-state kernel's gradient ``(2, 2, 1, h, 4h)``, from every column's
+    state ``hidden (T, 2, B, H, h)`` and gate gradients ``d_gates (T, 2, B, H, 4h)``:
+    what each column read of the previous one, times its gate gradients, summed."""
+    read = read_previous_column(previous_steps(hidden))                 # (T, 2, B, H, 2h)
+    # One product per column and direction, then the sum: see row_lstm_kernel_gradient.
+    d_kernel = jnp.einsum("tdbhk,tdbhg->tdkg", read, d_gates).sum(0)
+    return d_kernel.reshape(kernel.shape)
 
 
-def _diagonal_lstm_scan_forward(kernel, columns):
-    hidden, backward_scan = jax.vjp(lambda c: diagonal_lstm_scan(kernel, c), columns)
-    return hidden, (backward_scan, hidden, kernel)
-
-
-def _diagonal_lstm_scan_backward(saved, d_hidden):
-    backward_scan, hidden, kernel = saved
-    (d_gates,) = backward_scan(d_hidden)                             # (T, 2, B, H, 4h)
-    hidden_prev = jnp.concatenate([jnp.zeros_like(hidden[:1]), hidden[:-1]])
-    # One product per column and direction, then the sum over columns. With the columns
-    # and directions as the products' leading batch axes, XLA:CPU copies only the read
-    # states into the transposed layout its fast products need; one "tdbhk,tdbhg->dkg"
-    # product made it copy both operands, and ran slower (PERFORMANCE.md).
-    d_kernel = jnp.einsum("tdbhk,tdbhg->tdkg", read_previous_column(hidden_prev), d_gates).sum(0)
-    return d_kernel.reshape(kernel.shape), d_gates
-
-
-diagonal_lstm_scan_fast.defvjp(_diagonal_lstm_scan_forward, _diagonal_lstm_scan_backward)
+diagonal_lstm_scan_fast = kernel_gradient_after_scan(diagonal_lstm_scan,
+                                                     diagonal_lstm_kernel_gradient)
 
 
 def diagonal_bilstm(params, x, channels):

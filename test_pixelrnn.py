@@ -771,9 +771,9 @@ def test_evaluate_scores_a_checkpoint_with_its_standard_error(tiny_runs, compile
     assert code == 2 and stderr == "train.py: error: no checkpoint at nowhere.npz\n"
 
 
-PER_DEVICE_STEP_CHECK = """
-import jax, numpy as np, training, pixelrnn
-cfg = pixelrnn.Config(model="rowlstm", layers=2, hidden=4, out_hidden=8)
+TWO_DEVICE_SCAN_CHECK = """
+import sys, jax, numpy as np, layers, training, pixelrnn
+cfg = pixelrnn.Config(model=sys.argv[1], layers=2, hidden=4, out_hidden=8)
 mesh = training.make_mesh(8, 8)
 optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=10)
 images = (np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.int32)
@@ -789,33 +789,28 @@ def two_steps():
         losses.append(float(loss))
     return losses, state, hlo.count(" all-reduce(")
 
-per_device = two_steps()
-training.PER_DEVICE_GRADIENTS = ()
-partitioned = two_steps()
-np.testing.assert_allclose(per_device[0], partitioned[0], rtol=1e-5)
-for a, b in zip(jax.tree.leaves(per_device[1]), jax.tree.leaves(partitioned[1])):
+fast = two_steps()
+layers.row_lstm_scan_fast, layers.diagonal_lstm_scan_fast = layers.row_lstm_scan, layers.diagonal_lstm_scan
+plain = two_steps()
+np.testing.assert_allclose(fast[0], plain[0], rtol=1e-5)
+for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(plain[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-diagonal = pixelrnn.Config(model="diagbilstm", layers=2, hidden=4, out_hidden=8)
-state = training.init_state(pixelrnn.init(jax.random.PRNGKey(0), diagonal), optimizer)
-diagonal_step = training.make_train_step(diagonal, optimizer, mesh, 0.9995)
-diagonal_hlo = diagonal_step.lower(state, training.put_batch(images, mesh), 0).compile().as_text()
-print(jax.device_count(), per_device[2], partitioned[2], diagonal_hlo.count(" all-reduce("))
+print(jax.device_count(), fast[2], plain[2])
 """
 
 
-def test_the_recurrent_models_all_reduce_once_per_step_on_two_devices():
-    """On 2 host devices the Row LSTM's shard_map step (each device's gradient, then one
-    pmean) computes the same losses and state as the automatically partitioned step, which
-    all-reduces inside the scans (one all-reduce per layer in the loop body, and the rest).
-    The Diagonal BiLSTM, partitioned automatically, sums its state-to-state kernel gradient
-    after the scan (layers.diagonal_lstm_scan_fast), so its step has one all-reduce too."""
+@pytest.mark.parametrize("model", ["rowlstm", "diagbilstm"])
+def test_the_recurrent_models_all_reduce_once_per_step_on_two_devices(model):
+    """On 2 host devices the recurrent layers' scans, which compute their state-to-state
+    gradient after the backward scan (layers.kernel_gradient_after_scan), give the same
+    losses and state as the plain scans, which XLA all-reduces inside the loop (one
+    all-reduce per layer in the loop body, and the rest); the step has one all-reduce."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run([sys.executable, "-c", PER_DEVICE_STEP_CHECK], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCAN_CHECK, model], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    devices, per_device, partitioned, diagonal = map(int, out.stdout.split())
-    assert devices == 2 and training.PER_DEVICE_GRADIENTS == ("rowlstm",)
-    assert per_device == 1 and partitioned > 2 and diagonal == 1
+    devices, fast, plain = map(int, out.stdout.split())
+    assert devices == 2 and fast == 1 and plain > 2
 
 
 def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):
@@ -1422,37 +1417,29 @@ def test_unmasked_im2col_equals_the_lax_convolution(kh, kw):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_patches_times_kernel_is_a_plain_product_with_the_same_gradients():
-    """The Row LSTM's product (kernel gradient through a materialised transpose) is
-    ``patches @ kernel``: values and both gradients."""
-    patches = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 12))
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (12, 8))
-    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 5, 8))
-
-    def values_and_gradients(product):
-        def loss(patches, kernel):
-            return jnp.sum(jnp.sin(product(patches, kernel)) * weights)
-        return product(patches, kernel), jax.grad(loss, argnums=(0, 1))(patches, kernel)
-
-    for got, want in zip(jax.tree.leaves(values_and_gradients(layers.patches_times_kernel)),
-                         jax.tree.leaves(values_and_gradients(jnp.matmul))):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+SCANS = {   # layer: (plain scan, fast scan, state-to-state parameters, gates (T, ..., 4h))
+    "row": (layers.row_lstm_scan, layers.row_lstm_scan_fast,
+            layers.init_conv(jax.random.PRNGKey(0), 1, 3, 4, 16), (6, 3, 5, 16)),
+    "diagonal": (layers.diagonal_lstm_scan, layers.diagonal_lstm_scan_fast,
+                 jax.random.normal(jax.random.PRNGKey(0), (2, 2, 1, 4, 16)), (9, 2, 3, 5, 16)),
+}
 
 
-def test_diagonal_lstm_scan_fast_has_the_plain_scans_values_and_gradients():
-    """The Diagonal BiLSTM's recurrence with its kernel gradient summed after the backward
-    scan equals the plain ``lax.scan`` left to autodiff: values and both gradients."""
-    kernel = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 1, 4, 16))
-    columns = jax.random.normal(jax.random.PRNGKey(1), (9, 2, 3, 5, 16))
-    weights = jax.random.normal(jax.random.PRNGKey(2), (9, 2, 3, 5, 4))
+@pytest.mark.parametrize("layer", SCANS)
+def test_the_fast_scans_have_the_plain_scans_values_and_gradients(layer):
+    """The recurrences with their state-to-state gradient computed after the backward
+    scan equal the plain ``lax.scan`` left to autodiff: values and both gradients."""
+    plain, fast, params, gates_shape = SCANS[layer]
+    gates = jax.random.normal(jax.random.PRNGKey(1), gates_shape)
+    weights = jax.random.normal(jax.random.PRNGKey(2), gates_shape[:-1] + (4,))
 
     def values_and_gradients(scan):
-        def loss(kernel, columns):
-            return jnp.sum(jnp.sin(scan(kernel, columns)) * weights)
-        return jax.value_and_grad(loss, argnums=(0, 1))(kernel, columns)
+        def loss(params, gates):
+            return jnp.sum(jnp.sin(scan(params, gates)) * weights)
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, gates)
 
-    for got, want in zip(jax.tree.leaves(values_and_gradients(layers.diagonal_lstm_scan_fast)),
-                         jax.tree.leaves(values_and_gradients(layers.diagonal_lstm_scan))):
+    for got, want in zip(jax.tree.leaves(values_and_gradients(fast)),
+                         jax.tree.leaves(values_and_gradients(plain))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

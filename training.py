@@ -10,8 +10,7 @@
 Data parallelism: every device of every process holds one slice of each
 batch (a 1-D ``jax.sharding.Mesh`` named ``data``); parameters and
 optimizer state are replicated, and one jitted step sums the gradients
-across devices (XLA inserts the all-reduce, or for the models in
-``PER_DEVICE_GRADIENTS`` one explicit ``lax.pmean``). The same code runs on
+across devices (XLA inserts the all-reduce). The same code runs on
 one CPU split into host devices, on the GPUs of a node, and on several
 hosts.
 """
@@ -38,12 +37,6 @@ DEFAULTS = dict(dataset="mnist", batch_size=16, optimizer="adam", lr=1e-3, sched
                 warmup=200, lr_floor=0.05, clip=1.0, ema=0.9995, seed=0, binarize="fresh",
                 train_subset=0, eval_subset=0)
 SCHEDULES = ("cosine", "exponential", "constant")
-# Models whose train step computes each device's gradient on its own and averages once
-# (jax.shard_map with one lax.pmean). Left to XLA's automatic partitioning, the gradients of
-# weights used inside a scan are all-reduced at every scan step, one wait for every device per
-# image row; for the Row LSTM that costs more than the partitioner's layouts save
-# (PERFORMANCE.md). The other models train faster partitioned automatically.
-PER_DEVICE_GRADIENTS = ("rowlstm",)
 
 
 def default_host_devices(cores):
@@ -245,31 +238,19 @@ def make_train_step(cfg, optimizer, mesh, ema_decay):
     ``ExponentialMovingAverage``, so that the first steps do not hold the
     average near the initial parameters. The images arrive split over the
     mesh; the results are replicated, so XLA sums the gradients across
-    devices. For the models in ``PER_DEVICE_GRADIENTS`` each device runs the
-    step on its slice (``jax.shard_map``) and ``lax.pmean`` averages the
-    loss and the gradients once; the two forms compute the same update (a
-    test checks it).
+    devices.
     """
     def loss_fn(params, images):
         return -jnp.mean(pixelrnn.log_prob(params, cfg, images))
 
-    per_device = cfg.model in PER_DEVICE_GRADIENTS
-
     def train_step(state, images, step):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], images)
-        if per_device:      # inside shard_map: this device's slice only, so average once
-            loss, grads = jax.lax.pmean((loss, grads), "data")
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
         ema = optax.incremental_update(params, state["ema"], 1.0 - decay)
         return {"params": params, "opt_state": opt_state, "ema": ema}, loss
 
-    if per_device:
-        whole, split = PartitionSpec(), PartitionSpec("data")
-        # check_vma=False: the gradients inside are each device's own until pmean averages them.
-        train_step = jax.shard_map(train_step, mesh=mesh, in_specs=(whole, split, whole),
-                                   out_specs=whole, check_vma=False)
     return jax.jit(train_step, out_shardings=replicated(mesh), donate_argnums=0)
 
 
