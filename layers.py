@@ -161,9 +161,10 @@ def kernel_gradient_after_scan(scan, kernel_gradient):
     once, after the backward scan. A speed path only: a reader learning the
     model can skip it.
 
-    ``scan`` runs an LSTM recurrence over the input-to-state ``gates`` (rows,
-    or columns of the skewed map, as its leading axis) with state-to-state
-    parameters ``params``. Left to autodiff, the backward scan adds each
+    ``scan`` runs an LSTM recurrence over the input-to-state ``gates (T, ...,
+    4h)`` (rows, or columns of the skewed map, as the leading axis) with
+    state-to-state parameters ``params``, and returns every step's hidden
+    state ``(T, ..., h)``. Left to autodiff, the backward scan adds each
     step's share of the parameters' gradient as it goes; with the batch
     split over devices, XLA's partitioner then all-reduces that share at
     every step, one wait for every device per image row or diagonal. Here
@@ -247,9 +248,9 @@ def row_lstm_kernel_gradient(state_to_state, hidden, d_gates):
     patches, _ = im2col(previous_steps(hidden).reshape(rows * batch, 1, width, features),
                         *state_to_state["w"].shape[:2])
     patches = patches.reshape(rows, batch, width, -1)                    # (H, B, W, k * h)
-    # One product per row, then the sum over rows. With the rows as the products' batch
-    # axis, XLA:CPU copies only the patches into the transposed layout its fast products
-    # need; a single product over all rows makes it copy both operands (PERFORMANCE.md).
+    # One product per row, then the sum over rows, rather than one product over all rows:
+    # in the Diagonal BiLSTM the single product made XLA:CPU copy both of its operands
+    # into a transposed layout and ran slower (PERFORMANCE.md).
     d_kernel = jnp.einsum("rbwk,rbwg->rkg", patches, d_gates).sum(0)
     return {"w": d_kernel.reshape(state_to_state["w"].shape), "b": d_gates.sum((0, 1, 2))}
 
