@@ -12,6 +12,9 @@ features into three contiguous groups tied to R, G and B (paper section 3.4).
 Read top to bottom: masks, masked convolution, the LSTM cell, the Row LSTM
 (section 3.1), skewing and the Diagonal BiLSTM (section 3.2), the PixelCNN
 residual block (section 3.5 / Figure 5) and the output head (section 3.4).
+The last section is a speed path only: the two recurrent layers compute
+their state-to-state gradient after the scan. A reader learning the model
+can stop before it.
 """
 
 import jax
@@ -156,48 +159,6 @@ def lstm_cell(gates, cell_prev):
     return hidden, cell
 
 
-def kernel_gradient_after_scan(scan, kernel_gradient):
-    """``scan(params, gates) -> hidden``, with the gradient of ``params`` computed
-    once, after the backward scan. A speed path only: a reader learning the
-    model can skip it.
-
-    ``scan`` runs an LSTM recurrence over the input-to-state ``gates (T, ...,
-    4h)`` (rows, or columns of the skewed map, as the leading axis) with
-    state-to-state parameters ``params``, and returns every step's hidden
-    state ``(T, ..., h)``. Left to autodiff, the backward scan adds each
-    step's share of the parameters' gradient as it goes; with the batch
-    split over devices, XLA's partitioner then all-reduces that share at
-    every step, one wait for every device per image row or diagonal. Here
-    the backward scan returns only the gates' gradients ``d_gates`` (which
-    the input-to-state convolution needs anyway), and
-    ``kernel_gradient(params, hidden, d_gates)`` computes the parameters'
-    gradient from them and from the saved states, after the scan: one
-    all-reduce per step of training (PERFORMANCE.md). Values and gradients
-    are ``scan``'s (a test checks both layers).
-    """
-    @jax.custom_vjp
-    def scan_fast(params, gates):
-        return scan(params, gates)
-
-    def forward(params, gates):
-        hidden, backward_scan = jax.vjp(lambda g: scan(params, g), gates)
-        return hidden, (backward_scan, params, hidden)
-
-    def backward(saved, d_hidden):
-        backward_scan, params, hidden = saved
-        (d_gates,) = backward_scan(d_hidden)
-        return kernel_gradient(params, hidden, d_gates), d_gates
-
-    scan_fast.defvjp(forward, backward)
-    return scan_fast
-
-
-def previous_steps(hidden):
-    """The state each scan step started from: ``hidden (T, ...)`` moved one step on,
-    zeros first."""
-    return jnp.concatenate([jnp.zeros_like(hidden[:1]), hidden[:-1]])
-
-
 # ---------------------------------------------------------------------------
 # Row LSTM (paper section 3.1, Figure 2 left)
 # ---------------------------------------------------------------------------
@@ -240,24 +201,6 @@ def row_lstm_scan(state_to_state, gates_from_input):
     return lax.scan(step, (zeros, zeros), gates_from_input)[1]
 
 
-def row_lstm_kernel_gradient(state_to_state, hidden, d_gates):
-    """The state-to-state parameters' gradient, from every row's state ``hidden
-    (H, B, W, h)`` and gate gradients ``d_gates (H, B, W, 4h)``: each row's
-    :func:`im2col` patches of the row above, times its gate gradients, summed."""
-    rows, batch, width, features = hidden.shape
-    patches, _ = im2col(previous_steps(hidden).reshape(rows * batch, 1, width, features),
-                        *state_to_state["w"].shape[:2])
-    patches = patches.reshape(rows, batch, width, -1)                    # (H, B, W, k * h)
-    # One product per row, then the sum over rows, rather than one product over all rows:
-    # in the Diagonal BiLSTM the single product made XLA:CPU copy both of its operands
-    # into a transposed layout and ran slower (PERFORMANCE.md).
-    d_kernel = jnp.einsum("rbwk,rbwg->rkg", patches, d_gates).sum(0)
-    return {"w": d_kernel.reshape(state_to_state["w"].shape), "b": d_gates.sum((0, 1, 2))}
-
-
-row_lstm_scan_fast = kernel_gradient_after_scan(row_lstm_scan, row_lstm_kernel_gradient)
-
-
 def row_lstm(params, x, channels):
     """Row LSTM layer: ``(B, H, W, 2h) -> (B, H, W, 2h)`` (before the residual add).
 
@@ -265,7 +208,8 @@ def row_lstm(params, x, channels):
     whole map at once; ``lax.scan`` then runs the recurrence down the rows
     (:func:`row_lstm_scan`). Each output sees a triangle above it (and the
     pixels to its left, via the mask-A input layer and the mask-B
-    convolutions).
+    convolutions). ``row_lstm_scan_fast`` is that scan with a faster
+    gradient, in the speed-path section at the end of this file.
     """
     gates_from_input = masked_conv(params["input_to_state"], x, channels, "B", blocks=4)
     hidden_rows = row_lstm_scan_fast(params["state_to_state"], jnp.swapaxes(gates_from_input, 0, 1))
@@ -371,30 +315,19 @@ def diagonal_lstm_scan(kernel, columns):
     return lax.scan(step, (zeros, zeros), columns)[1]
 
 
-def diagonal_lstm_kernel_gradient(kernel, hidden, d_gates):
-    """The state-to-state kernel's gradient ``(2, 2, 1, h, 4h)``, from every column's
-    state ``hidden (T, 2, B, H, h)`` and gate gradients ``d_gates (T, 2, B, H, 4h)``:
-    what each column read of the previous one, times its gate gradients, summed."""
-    read = read_previous_column(previous_steps(hidden))                 # (T, 2, B, H, 2h)
-    # One product per column and direction, then the sum: see row_lstm_kernel_gradient.
-    d_kernel = jnp.einsum("tdbhk,tdbhg->tdkg", read, d_gates).sum(0)
-    return d_kernel.reshape(kernel.shape)
-
-
-diagonal_lstm_scan_fast = kernel_gradient_after_scan(diagonal_lstm_scan,
-                                                     diagonal_lstm_kernel_gradient)
-
-
 def diagonal_bilstm(params, x, channels):
     """Diagonal BiLSTM layer: ``(B, H, W, 2h) -> (B, H, W, 2h)`` (before the residual add).
 
     Direction 0 scans the image's diagonals left to right; direction 1 does
     the same on the horizontally mirrored image. Both run in one
-    ``lax.scan`` (:func:`diagonal_lstm_scan`). The input-to-state part is a
-    ``1 x 1`` mask-B convolution, computed on the unskewed map (no work
-    wasted on the skew padding) and then skewed. Direction 1's output is mirrored back and **shifted down one
-    row** before the two are added: unshifted it would see pixels to the
-    right in the same row, which come later in raster order.
+    ``lax.scan`` (:func:`diagonal_lstm_scan`; ``diagonal_lstm_scan_fast`` is
+    that scan with a faster gradient, in the speed-path section at the end
+    of this file). The input-to-state part is a ``1 x 1`` mask-B
+    convolution, computed on the unskewed map (no work wasted on the skew
+    padding) and then skewed. Direction 1's output is mirrored back and
+    **shifted down one row** before the two are added: unshifted it would
+    see pixels to the right in the same row, which come later in raster
+    order.
 
     The skew padding needs no masking. Both biases are added before skewing,
     so the padding's gates are exactly 0, and an LSTM with zero gates and
@@ -463,3 +396,82 @@ def output_head(params, x, channels):
     """
     y = masked_conv(params["hidden"], jax.nn.relu(x), channels, "B")
     return masked_conv(params["logits"], jax.nn.relu(y), channels, "B")
+
+
+# ---------------------------------------------------------------------------
+# Speed path: the state-to-state gradient after the scan (PERFORMANCE.md)
+# ---------------------------------------------------------------------------
+
+
+def kernel_gradient_after_scan(scan, kernel_gradient):
+    """``scan(params, gates) -> hidden``, with the gradient of ``params`` computed
+    once, after the backward scan. A speed path only: a reader learning the
+    model can skip it.
+
+    ``scan`` runs an LSTM recurrence over the input-to-state ``gates (T, ...,
+    4h)`` (rows, or columns of the skewed map, as the leading axis) with
+    state-to-state parameters ``params``, and returns every step's hidden
+    state ``(T, ..., h)``. Left to autodiff, the backward scan adds each
+    step's share of the parameters' gradient as it goes; with the batch
+    split over devices, XLA's partitioner then all-reduces that share at
+    every step, one wait for every device per image row or diagonal. Here
+    the backward scan returns only the gates' gradients ``d_gates`` (which
+    the input-to-state convolution needs anyway), and
+    ``kernel_gradient(params, hidden, d_gates)`` computes the parameters'
+    gradient from them and from the saved states, after the scan: one
+    all-reduce per step of training (PERFORMANCE.md). Values and gradients
+    are ``scan``'s (a test checks both layers).
+    """
+    @jax.custom_vjp
+    def scan_fast(params, gates):
+        return scan(params, gates)
+
+    def forward(params, gates):
+        hidden, backward_scan = jax.vjp(lambda g: scan(params, g), gates)
+        return hidden, (backward_scan, params, hidden)
+
+    def backward(saved, d_hidden):
+        backward_scan, params, hidden = saved
+        (d_gates,) = backward_scan(d_hidden)
+        return kernel_gradient(params, hidden, d_gates), d_gates
+
+    scan_fast.defvjp(forward, backward)
+    return scan_fast
+
+
+def previous_steps(hidden):
+    """The state each scan step started from: ``hidden (T, ...)`` moved one step on,
+    zeros first."""
+    return jnp.concatenate([jnp.zeros_like(hidden[:1]), hidden[:-1]])
+
+
+def row_lstm_kernel_gradient(state_to_state, hidden, d_gates):
+    """The state-to-state parameters' gradient, from every row's state ``hidden
+    (H, B, W, h)`` and gate gradients ``d_gates (H, B, W, 4h)``: each row's
+    :func:`im2col` patches of the row above, times its gate gradients, summed."""
+    rows, batch, width, features = hidden.shape
+    patches, _ = im2col(previous_steps(hidden).reshape(rows * batch, 1, width, features),
+                        *state_to_state["w"].shape[:2])
+    patches = patches.reshape(rows, batch, width, -1)                    # (H, B, W, k * h)
+    # One product per row, then the sum over rows, rather than one product over all rows:
+    # in the Diagonal BiLSTM the single product made XLA:CPU copy both of its operands
+    # into a transposed layout and ran slower (PERFORMANCE.md).
+    d_kernel = jnp.einsum("rbwk,rbwg->rkg", patches, d_gates).sum(0)
+    return {"w": d_kernel.reshape(state_to_state["w"].shape), "b": d_gates.sum((0, 1, 2))}
+
+
+row_lstm_scan_fast = kernel_gradient_after_scan(row_lstm_scan, row_lstm_kernel_gradient)
+
+
+def diagonal_lstm_kernel_gradient(kernel, hidden, d_gates):
+    """The state-to-state kernel's gradient ``(2, 2, 1, h, 4h)``, from every column's
+    state ``hidden (T, 2, B, H, h)`` and gate gradients ``d_gates (T, 2, B, H, 4h)``:
+    what each column read of the previous one, times its gate gradients, summed."""
+    read = read_previous_column(previous_steps(hidden))                 # (T, 2, B, H, 2h)
+    # One product per column and direction, then the sum: see row_lstm_kernel_gradient.
+    d_kernel = jnp.einsum("tdbhk,tdbhg->tdkg", read, d_gates).sum(0)
+    return d_kernel.reshape(kernel.shape)
+
+
+diagonal_lstm_scan_fast = kernel_gradient_after_scan(diagonal_lstm_scan,
+                                                     diagonal_lstm_kernel_gradient)
