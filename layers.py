@@ -405,8 +405,7 @@ def output_head(params, x, channels):
 
 def kernel_gradient_after_scan(scan, kernel_gradient):
     """``scan(params, gates) -> hidden``, with the gradient of ``params`` computed
-    once, after the backward scan. A speed path only: a reader learning the
-    model can skip it.
+    once, after the backward scan.
 
     ``scan`` runs an LSTM recurrence over the input-to-state ``gates (T, ...,
     4h)`` (rows, or columns of the skewed map, as the leading axis) with
