@@ -88,6 +88,7 @@ class Progress:
     best_step: int = None
     tested: bool = False       # the run reached its target and was scored on the test set
     metrics: list = dataclasses.field(default_factory=list)  # the lines of metrics.jsonl
+    images_before: int = 0     # images the starting parameters had seen (train.py --init-from)
 
 
 class Saved(typing.NamedTuple):
@@ -162,13 +163,25 @@ def write(path, settings, target, cfg, progress, tree):
 def load_params(path):
     """``path`` -> ``(cfg, params, settings)``: a model ready to use, from any checkpoint.
 
-    The parameters are the moving average (``ema/...``) where the file has
-    one, as in ``checkpoint.npz``, else ``params/...`` (``best.npz`` holds
-    the average under that name).
+    The parameters are the moving average (see :func:`averaged_params`).
     """
     saved = read(path)
-    name = "ema" if any(array.startswith("ema/") for array in saved.arrays) else "params"
+    return saved.cfg, averaged_params(saved, path), saved.settings
+
+
+def averaged_params(saved, path):
+    """The averaged parameters of ``saved`` (read from ``path``): ``ema/...`` where the file
+    has them, as in ``checkpoint.npz``, else ``params/...`` (``best.npz`` holds the
+    average under that name). A missing or misshapen array is a :class:`UserError`."""
+    name = "ema" if has_average(saved) else "params"
     # Only the shapes are needed: eval_shape does not run init's random ops.
     template = {name: jax.eval_shape(lambda key: pixelrnn.init(key, saved.cfg),
                                      jax.random.PRNGKey(0))}
-    return saved.cfg, unflatten(saved.arrays, template, path)[name], saved.settings
+    return unflatten(saved.arrays, template, path)[name]
+
+
+def has_average(saved):
+    """Whether ``saved`` is a whole training state (``checkpoint.npz``: parameters and their
+    average at ``progress.step``) rather than averaged parameters alone (``best.npz``:
+    those of ``progress.best_step``)."""
+    return any(array.startswith("ema/") for array in saved.arrays)

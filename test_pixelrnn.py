@@ -727,6 +727,36 @@ def test_resume_continues_exactly(tiny_runs):
         f"resuming {dirs['half']} at step 6 (epoch 2, batch 2) of 12 steps (3 epochs)")
 
 
+def test_init_from_starts_a_new_run_from_the_averaged_parameters_and_carries_the_record(
+        tiny_runs, tmp_path, compile_cache):
+    """--init-from with another batch size: model, dataset and the settings not given come
+    from the checkpoint; the parameters start as its averaged ones (a learning rate of 1e-9
+    keeps them there), the optimizer state and the schedule afresh; metrics.jsonl goes on
+    from the checkpoint's validation lines and counts its images."""
+    source, run = tiny_runs[0]["full"] / "checkpoint.npz", tmp_path / "run"
+    code, stdout, stderr = wait(start_train(["--init-from", str(source), "--batch-size", "32",
+                                             "--lr", "1e-9", "--epochs", "1", "--out", str(run)],
+                                            compile_cache))
+    assert code == 0, stderr
+    assert stdout.splitlines()[1] == (f"starting from the averaged parameters of {source} "
+                                      f"(192 images seen)")                  # 12 steps of 16
+    settings = json.loads((run / "config.json").read_text())["settings"]
+    assert settings == dict(checkpoint_meta(source)["settings"], batch_size=32, lr=1e-9)
+    *carried, new, test = metrics(run)
+    assert carried == metrics(tiny_runs[0]["full"])[:-1]
+    assert (new["step"], new["images"]) == (2, 192 + 2 * 32)
+    assert new["train_seconds"] >= carried[-1]["train_seconds"]     # not from 0: 11 steps vs 1
+    assert new["valid_nll"] == pytest.approx(carried[-1]["valid_nll"], rel=1e-5)
+    assert test["test_nll"] == pytest.approx(metrics(tiny_runs[0]["full"])[-1]["test_nll"], rel=1e-5)
+    started, ended = checkpoint_arrays(source), checkpoint_arrays(run / "checkpoint.npz")
+    assert ended["opt_state/1/0/count"] == 2
+    for name in started:
+        if name.startswith("ema/"):
+            np.testing.assert_allclose(ended[name], started[name], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(ended["params/" + name[4:]], started[name], rtol=1e-5,
+                                       atol=1e-7)
+
+
 def test_curve_svg_plots_one_point_per_validation(tiny_runs):
     run = tiny_runs[0]["full"]
     validations = [line for line in metrics(run) if "valid_nll" in line]
@@ -942,6 +972,12 @@ def test_user_mistakes_exit_2_with_one_line(tiny_runs, tmp_path, capsys):
         "already holds a run": TINY + ["--out", str(run)],
         "does not match the checkpoint": ["--out", str(run), "--resume", "--model", "rowlstm"],
         "no checkpoint to resume": ["--out", str(tmp_path / "none"), "--resume"],
+        "--init-from starts a new run; leave it out to --resume one":
+            ["--out", str(run), "--resume", "--init-from", str(run / "best.npz")],
+        "--init-from keeps the model and the dataset of the checkpoint it starts from":
+            ["--init-from", str(run / "best.npz"), "--model", "rowlstm", "--out", str(tmp_path / "new")],
+        f"no checkpoint at {tmp_path / 'none.npz'}":
+            ["--init-from", str(tmp_path / "none.npz"), "--out", str(tmp_path / "new")],
         "cannot write to --out": TINY + ["--out", str(not_a_dir / "run")],
         "coordinator address 'nowhere': expected HOST:PORT":
             TINY + ["--distributed", "--coordinator", "nowhere", "--out", str(tmp_path / "new")],

@@ -4,6 +4,8 @@
     python train.py --model rowlstm                     # binarized MNIST -> runs/rowlstm-mnist/
     python train.py --model pixelcnn --dataset mnist256 --epochs 5
     python train.py --out runs/rowlstm-mnist --resume   # continue exactly where it stopped
+    python train.py --init-from runs/rowlstm-mnist/best.npz --batch-size 64 --out runs/b64
+                                                        # a new run from those parameters
     python train.py --dataset cifar10 --data-dir ~/cifar-10-batches-py
 
 The run folder (``--out``, default ``runs/<model>-<dataset>``) holds
@@ -14,15 +16,19 @@ The run folder (``--out``, default ``runs/<model>-<dataset>``) holds
                     (see checkpoint.py)
     best.npz        the averaged parameters of the best validation NLL; once the
                     run is tested, with its whole record (what weights/ ships)
-    metrics.jsonl   one JSON line per validation, and one with the test NLL
+    metrics.jsonl   one JSON line per validation, and one with the test NLL (after
+                    --init-from, the validation lines of the run started from come first)
     curve.svg       validation NLL and training loss against images seen
     samples.png     a grid of samples from the best averaged parameters
 
 Every file is replaced atomically. Ctrl-C saves a checkpoint and exits; with
 ``--resume`` training continues as if it had never stopped, to the run's own
-``--epochs`` / ``--max-steps`` unless new ones are given. Each batch is split
-over all devices (every GPU of a node, or ``--host-devices`` CPU devices),
-parameters are replicated; ``--distributed`` joins a multi-process job.
+``--epochs`` / ``--max-steps`` unless new ones are given; ``--init-from``
+instead starts a new run (another batch size, learning rate or schedule)
+from a checkpoint's averaged parameters, and carries its record on. Each
+batch is split over all devices (every GPU of a node, or ``--host-devices``
+CPU devices), parameters are replicated; ``--distributed`` joins a
+multi-process job.
 """
 
 import argparse
@@ -122,6 +128,10 @@ def parse_args(argv=None):
         help=f"steps between checkpoints inside an epoch, 0: epoch ends only (default {SAVE_EVERY})")
     add("--out", help="run folder (default runs/<model>-<dataset>)")
     add("--resume", action="store_true", help="continue the run in --out")
+    add("--init-from", type=pathlib.Path, metavar="CHECKPOINT",
+        help="start a new run from CHECKPOINT's averaged parameters (e.g. to go on with another "
+             "--batch-size or --lr): its model and dataset, and its training settings unless "
+             "given; the optimizer state and the schedule start afresh, the record carries on")
     add("--evaluate", type=pathlib.Path, metavar="CHECKPOINT",
         help="train nothing: score CHECKPOINT's averaged parameters on the validation and test "
              "sets of its run's dataset, with standard errors")
@@ -147,15 +157,24 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------
 
 
-def resolve_settings(args, saved):
+def resolve_settings(args, saved, source=None):
     """The run's settings: the command line, else ``saved`` (a resumed run's), else the defaults.
 
+    A run started ``--init-from`` a checkpoint takes its settings from ``source`` (that
+    checkpoint's) where the command line gives none; its model and dataset must stay.
     The model's sizes left out stay None here: :func:`make_config` fills them.
     """
     given = {name: getattr(args, name) for name in RUN_SETTINGS if getattr(args, name) is not None}
-    if saved is None:
+    if saved is None and source is None:
         model_defaults = {name: getattr(pixelrnn.Config, name) for name in MODEL_SETTINGS}
         return {**training.DEFAULTS, **model_defaults, **given}
+    if saved is None:
+        for name in MODEL_SETTINGS + ("dataset",):
+            if name in given and given[name] != source[name]:
+                raise UserError(f"--{name.replace('_', '-')} {given[name]} does not match "
+                                f"{args.init_from} ({name}={source[name]}); --init-from keeps "
+                                f"the model and the dataset of the checkpoint it starts from")
+        return {**source, **given}
     for name, value in given.items():
         if value != saved[name]:
             raise UserError(f"--{name.replace('_', '-')} {value} does not match the checkpoint "
@@ -429,22 +448,46 @@ def read_run(args, out):
     return saved, best
 
 
+def read_source(args):
+    """The checkpoint a new run starts ``--init-from``, or None."""
+    if args.init_from is None:
+        return None
+    if args.resume:
+        raise UserError("--init-from starts a new run; leave it out to --resume one")
+    return checkpoint.read(args.init_from)
+
+
+def carried_progress(source):
+    """A new run's :class:`Progress`. Started ``--init-from`` ``source``, it carries on the record
+    of the averaged parameters taken: their validation lines, images seen and training time."""
+    if source is None:
+        return Progress()
+    p = source.progress
+    step = p.step if checkpoint.has_average(source) else p.best_step
+    lines = [line for line in p.metrics if "valid_nll" in line and line["step"] <= step]
+    return Progress(train_seconds=p.train_seconds if step == p.step else lines[-1]["train_seconds"],
+                    metrics=lines, images_before=p.images_before + step * source.settings["batch_size"])
+
+
 def start_run(args):
     """Check everything the user gave, then set up a new or resumed run.
 
     Returns None, having written nothing, when a resumed run has nothing
     left to do. Writes config.json.
     """
-    model, dataset = args.model or pixelrnn.Config.model, args.dataset or training.DEFAULTS["dataset"]
+    source = read_source(args)
+    defaults = source.settings if source else {**training.DEFAULTS, "model": pixelrnn.Config.model}
+    model, dataset = args.model or defaults["model"], args.dataset or defaults["dataset"]
     out = pathlib.Path(args.out or f"runs/{model}-{dataset}")
     saved, best_arrays = read_run(args, out)
-    settings = resolve_settings(args, saved and saved.settings)
+    settings = resolve_settings(args, saved and saved.settings, source and source.settings)
     target = resolve_target(args, saved and saved.target)
     ds = load_data(settings, args.data_dir, args.binarize is not None)
     cfg = make_config(settings, ds)
-    progress = saved.progress if saved else Progress()
-    if saved and saved.cfg != cfg:
-        raise UserError(f"{out / 'checkpoint.npz'} was written for another model config: {saved.cfg}")
+    progress = saved.progress if saved else carried_progress(source)
+    for record, path in ((saved, out / "checkpoint.npz"), (source, args.init_from)):
+        if record and record.cfg != cfg:
+            raise UserError(f"{path} was written for another model config: {record.cfg}")
     steps = data.steps_per_epoch(ds, settings["batch_size"])
     optimizer = training.make_optimizer(settings, planned_steps(target, steps))
     init, key = make_init(cfg, optimizer), jax.random.PRNGKey(settings["seed"])
@@ -469,6 +512,9 @@ def start_run(args):
             raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
     if not saved:
         tree = jax.jit(init)(key)
+    if source:
+        averaged = checkpoint.averaged_params(source, args.init_from)
+        tree = dict(tree, params=averaged, ema=jax.tree.map(np.copy, averaged))
     state = jax.device_put({name: tree[name] for name in ("params", "opt_state", "ema")},
                            training.replicated(mesh))
     best = jax.device_put(best, training.replicated(mesh)) if best is not None else None
@@ -537,7 +583,7 @@ def validate_and_save(run, evaluate, learning_rate, clock):
     valid, valid_se = evaluate(run.state["ema"], run.ds.valid)
     train_loss, speed = recent_loss(p), clock.per_second()
     line = {"epoch": round(p.step / run.steps_per_epoch, 4), "step": p.step,
-            "images": p.step * run.settings["batch_size"], "unit": unit,
+            "images": p.images_before + p.step * run.settings["batch_size"], "unit": unit,
             "valid_nll": float(valid * factor), "valid_se": float(valid_se * factor),
             "train_loss": train_loss * factor if train_loss is not None else None,
             "lr": float(learning_rate(p.step)), "images_per_s": speed,
@@ -602,6 +648,9 @@ def train(args):
             if args.resume:
                 print(f"resuming {run.out} at step {p.step} (epoch {p.epoch + 1}, batch {p.index}) "
                       f"of {describe_target(run.target, run.steps_per_epoch)}")
+            if args.init_from:
+                print(f"starting from the averaged parameters of {args.init_from} "
+                      f"({p.images_before:,} images seen)")
         train_step = training.make_train_step(run.cfg, run.optimizer, run.mesh,
                                               run.settings["ema"])
         evaluate = training.make_evaluate(run.cfg, run.mesh, args.eval_batch_size)
