@@ -989,9 +989,12 @@ def test_user_mistakes_exit_2_with_one_line(tiny_runs, tmp_path, capsys):
 
     checkpoint_path = run / "checkpoint.npz"
     arrays = dict(np.load(checkpoint_path, allow_pickle=False))
-    del arrays[min(name for name in arrays if name.startswith("params/"))]  # any one will do
+    for tree in ("params/", "ema/"):                                       # any one will do
+        del arrays[min(name for name in arrays if name.startswith(tree))]
     np.savez(checkpoint_path, **arrays)
     assert "does not match the model config" in user_error(capsys, ["--out", str(run), "--resume"])
+    line = user_error(capsys, ["--init-from", str(checkpoint_path), "--out", str(tmp_path / "new")])
+    assert "does not match the model config" in line and not (tmp_path / "new").exists()
     checkpoint_path.write_text("step 12, loss 80.3\n")
     line = user_error(capsys, ["--out", str(run), "--resume"])
     assert "checkpoint.npz is not a checkpoint: not an .npz archive" in line

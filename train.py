@@ -488,6 +488,7 @@ def start_run(args):
     for record, path in ((saved, out / "checkpoint.npz"), (source, args.init_from)):
         if record and record.cfg != cfg:
             raise UserError(f"{path} was written for another model config: {record.cfg}")
+    averaged = checkpoint.averaged_params(source, args.init_from) if source else None
     steps = data.steps_per_epoch(ds, settings["batch_size"])
     optimizer = training.make_optimizer(settings, planned_steps(target, steps))
     init, key = make_init(cfg, optimizer), jax.random.PRNGKey(settings["seed"])
@@ -512,8 +513,7 @@ def start_run(args):
             raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
     if not saved:
         tree = jax.jit(init)(key)
-    if source:
-        averaged = checkpoint.averaged_params(source, args.init_from)
+    if averaged:
         tree = dict(tree, params=averaged, ema=jax.tree.map(np.copy, averaged))
     state = jax.device_put({name: tree[name] for name in ("params", "opt_state", "ema")},
                            training.replicated(mesh))
