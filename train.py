@@ -513,7 +513,7 @@ def start_run(args):
             raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
     if not saved:
         tree = jax.jit(init)(key)
-    if averaged:
+    if averaged is not None:              # --init-from: both start as its averaged parameters
         tree = dict(tree, params=averaged, ema=jax.tree.map(np.copy, averaged))
     state = jax.device_put({name: tree[name] for name in ("params", "opt_state", "ema")},
                            training.replicated(mesh))
