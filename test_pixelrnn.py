@@ -1313,22 +1313,33 @@ def test_weights_are_shipped_and_each_has_its_readme_row():
     assert listed == {path.name for path in SHIPPED}
 
 
+# Every 4th test image: the shipped files are scored on 2,500 images, in a quarter of the
+# time of all 10,000 (3.5 minutes for the Diagonal BiLSTM on a slow 2-core machine). The
+# mean of such a subset lies within 1 nat of the whole set's at about 2.5 standard errors
+# (per-image NLLs spread about 20 nats); the first 2,500 images would not do, since the
+# test set's first images are 1-1.3 nats easier than the rest.
+SHIPPED_CHECK_STRIDE = 4
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
 def test_shipped_weights_are_small_safe_and_score_the_readme_figure(path):
     """A shipped file holds the averaged parameters, the config and the training record
-    (no optimizer state), loads without pickle, and scores the README's test NLL on
-    the pinned test binarization, all 10,000 images, to within float rounding."""
+    (no optimizer state), loads without pickle, records the README's test NLL, and
+    scores every 4th image of the pinned test binarization within 1 nat of it. (The
+    whole set, to within float rounding: ``python train.py --evaluate <file>``.)"""
     assert path.stat().st_size < 1_000_000
     with np.load(path, allow_pickle=False) as f:
         assert all(name == "meta" or name.startswith("params/") for name in f.files)
     saved = checkpoint.read(path)
-    assert saved.progress.tested and saved.progress.metrics[-1]["test_nll"]
+    assert saved.progress.tested
+    recorded = saved.progress.metrics[-1]["test_nll"]
+    assert abs(recorded - readme_test_nll(path)) < 0.01, (recorded, readme_test_nll(path))
     cfg, params, settings = checkpoint.load_params(path)
     test = data.load_dataset(settings["dataset"], None, settings["binarize"]).test
     batch = train.EVAL_BATCH_SIZE
-    nll, se = training.make_evaluate(cfg, training.make_mesh(batch, batch), batch)(params, test)
-    assert abs(nll - readme_test_nll(path)) < 0.01, (nll, se)
-    assert abs(nll - saved.progress.metrics[-1]["test_nll"]) < 0.01
+    nll, se = training.make_evaluate(cfg, training.make_mesh(batch, batch), batch)(
+        params, test[::SHIPPED_CHECK_STRIDE])
+    assert abs(nll - recorded) < 1.0, (nll, se, recorded)
 
 
 def test_sample_py_on_a_fresh_clone_draws_digits_from_the_shipped_weights(tmp_path):
