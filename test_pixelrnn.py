@@ -1419,10 +1419,21 @@ CONV_CASES = [  # (kh, kw, F_in, F_out, channels, mask type, padding, gate block
 lax_conv = jax.lax.conv_general_dilated    # before any test patches it
 
 
+def normal(seed, shape):
+    """Standard-normal test inputs from numpy: ``jax.random`` would compile a program for
+    every new shape (about a second each on a slow 2-core machine)."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
 def conv_values_and_gradients(conv, params, x):
-    """``conv(params, x)`` and its gradients for a fixed random cotangent."""
-    y, vjp = jax.vjp(conv, params, x)
-    return y, vjp(jax.random.normal(jax.random.PRNGKey(3), y.shape))
+    """``conv(params, x)`` and its gradients for a fixed random cotangent, as one jitted
+    program (compiled for each call: a fresh function, traced with the current patches)."""
+    cotangent = normal(3, jax.eval_shape(conv, params, x).shape)
+
+    def values_and_gradients(params, x):
+        y, vjp = jax.vjp(conv, params, x)
+        return y, vjp(cotangent)
+    return jax.jit(values_and_gradients)(params, x)
 
 
 @pytest.mark.parametrize("kh, kw, f_in, f_out, channels, mask_type, padding, blocks", CONV_CASES)
@@ -1431,8 +1442,8 @@ def test_im2col_fast_path_equals_the_lax_convolution(monkeypatch, kh, kw, f_in, 
     """layers.masked_conv as defined (lax.conv_general_dilated of the masked kernel) and as its
     im2col fast path: the same values and the same gradients."""
     params = layers.init_conv(jax.random.PRNGKey(0), kh, kw, f_in, f_out)
-    params["b"] = jax.random.normal(jax.random.PRNGKey(1), (f_out,))
-    x = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 9, f_in))
+    params["b"] = normal(1, (f_out,))
+    x = normal(2, (2, 8, 9, f_in))
 
     def conv(params, x):
         return layers.masked_conv(params, x, channels, mask_type, padding, blocks)
@@ -1455,7 +1466,7 @@ def test_im2col_fast_path_equals_the_lax_convolution(monkeypatch, kh, kw, f_in, 
 def test_unmasked_im2col_equals_the_lax_convolution(kh, kw):
     """The state-to-state convolutions, which run as im2col everywhere."""
     params = layers.init_conv(jax.random.PRNGKey(0), kh, kw, 4, 16)
-    x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 5, 4))
+    x = normal(2, (2, 3, 5, 4))
 
     def plain(params, x):
         return lax_conv(x, params["w"], (1, 1), "VALID",
@@ -1471,7 +1482,7 @@ SCANS = {   # layer: (plain scan, fast scan, state-to-state parameters, gates (T
     "row": (layers.row_lstm_scan, layers.row_lstm_scan_fast,
             layers.init_conv(jax.random.PRNGKey(0), 1, 3, 4, 16), (6, 3, 5, 16)),
     "diagonal": (layers.diagonal_lstm_scan, layers.diagonal_lstm_scan_fast,
-                 jax.random.normal(jax.random.PRNGKey(0), (2, 2, 1, 4, 16)), (9, 2, 3, 5, 16)),
+                 normal(0, (2, 2, 1, 4, 16)), (9, 2, 3, 5, 16)),
 }
 
 
@@ -1480,13 +1491,13 @@ def test_the_fast_scans_have_the_plain_scans_values_and_gradients(layer):
     """The recurrences with their state-to-state gradient computed after the backward
     scan equal the plain ``lax.scan`` left to autodiff: values and both gradients."""
     plain, fast, params, gates_shape = SCANS[layer]
-    gates = jax.random.normal(jax.random.PRNGKey(1), gates_shape)
-    weights = jax.random.normal(jax.random.PRNGKey(2), gates_shape[:-1] + (4,))
+    gates = normal(1, gates_shape)
+    weights = normal(2, gates_shape[:-1] + (4,))
 
     def values_and_gradients(scan):
         def loss(params, gates):
             return jnp.sum(jnp.sin(scan(params, gates)) * weights)
-        return jax.value_and_grad(loss, argnums=(0, 1))(params, gates)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, gates)
 
     for got, want in zip(jax.tree.leaves(values_and_gradients(fast)),
                          jax.tree.leaves(values_and_gradients(plain))):
