@@ -54,6 +54,12 @@ def small_config(model, **overrides):
     return pixelrnn.Config(**fields)
 
 
+def normal(seed, shape):
+    """Standard-normal test inputs from numpy: ``jax.random`` would compile a program for
+    every new shape (about a second each on a slow 2-core machine)."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
 def all_images(cfg):
     """Every image of a tiny configuration: ``(levels ** (H*W*C), H, W, C)`` int32."""
     size = cfg.height * cfg.width * cfg.channels
@@ -68,13 +74,13 @@ def input_jacobian(cfg, seed=0, batch=2):
     sub-pixel, both in raster order with channels innermost (R, G, B).
     """
     params = pixelrnn.init(jax.random.PRNGKey(seed), cfg)
-    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, cfg.height, cfg.width, cfg.channels))
+    x = normal(seed + 1, (batch, cfg.height, cfg.width, cfg.channels))
     size = cfg.height * cfg.width * cfg.channels
 
     def outputs(x):   # every logit of every image, (batch, size, levels)
         return pixelrnn.network(params, cfg, x).reshape(batch, size, cfg.levels)
 
-    jac = jax.jacrev(outputs)(x)                     # (batch, size, levels, batch, H, W, C)
+    jac = jax.jit(jax.jacrev(outputs))(x)            # (batch, size, levels, batch, H, W, C)
     jac = jnp.einsum("bslbhwc->bslhwc", jac)         # each image only depends on itself
     return np.asarray(jnp.abs(jac).sum(axis=(0, 2)).reshape(size, size))
 
@@ -105,8 +111,8 @@ def receptive_field(model, row, col, height=6, width=16):
     """0/1 map ``(H, W)`` of the inputs the logit at ``(row, col)`` depends on."""
     cfg = small_config(model, height=height, width=width, hidden=4, out_hidden=8)
     params = pixelrnn.init(jax.random.PRNGKey(1), cfg)
-    x = jax.random.normal(jax.random.PRNGKey(2), (3, height, width, 1))
-    grad = jax.grad(lambda x: pixelrnn.network(params, cfg, x)[:, row, col].sum())(x)
+    x = normal(2, (3, height, width, 1))
+    grad = jax.jit(jax.grad(lambda x: pixelrnn.network(params, cfg, x)[:, row, col].sum()))(x)
     return (np.abs(np.asarray(grad)).sum(axis=(0, 3)) > 0).astype(int)
 
 
@@ -1417,12 +1423,6 @@ CONV_CASES = [  # (kh, kw, F_in, F_out, channels, mask type, padding, gate block
 
 
 lax_conv = jax.lax.conv_general_dilated    # before any test patches it
-
-
-def normal(seed, shape):
-    """Standard-normal test inputs from numpy: ``jax.random`` would compile a program for
-    every new shape (about a second each on a slow 2-core machine)."""
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def conv_values_and_gradients(conv, params, x):
