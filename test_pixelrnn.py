@@ -341,6 +341,7 @@ def test_it_learns_a_fixed_batch(model):
     params = pixelrnn.init(jax.random.PRNGKey(0), cfg)
     optimiser = optax.adam(3e-3)
 
+    @jax.jit
     def loss(params):
         return -pixelrnn.log_prob(params, cfg, images).mean()
 
@@ -1580,11 +1581,14 @@ def test_bench_warms_up_until_steps_stop_faulting_in_fresh_memory(monkeypatch):
     kept.clear()
 
 
-def test_bench_runs_in_fresh_processes_and_rejects_bad_flags():
+def test_bench_runs_in_fresh_processes_and_rejects_bad_flags(compile_cache):
     bench_py = [sys.executable, str(pathlib.Path(bench.__file__))]
+    # The second child process loads the first one's compiled programs from the cache.
+    cached = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     out = subprocess.run(bench_py + ["--models", "pixelcnn", "--batch-size", "2", "--host-devices", "1",
                                      "--no-sampling", "--processes", "2", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=cached).stdout
     machine, row = [json.loads(line) for line in out.splitlines()]
     assert machine["matmul_gflops"] > 0 and row["processes"] == 2
     low, high = row["train_images_per_s_range"]
