@@ -589,10 +589,16 @@ def compile_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_cache")
 
 
+def sharing_compile_cache(cache, **env):
+    """The environment of a subprocess that reads and fills ``cache``, JAX's compilation
+    cache, with ``env`` added."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env)
+
+
 def start_train(args, cache, devices=1):
     """Start train.py in a subprocess with ``devices`` CPU devices."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = sharing_compile_cache(cache, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -1320,11 +1326,10 @@ def test_weights_are_shipped_and_each_has_its_readme_row():
     assert listed == {path.name for path in SHIPPED}
 
 
-# Every 4th test image: the shipped files are scored on 2,500 images, in a quarter of the
-# time of all 10,000 (3.5 minutes for the Diagonal BiLSTM on a slow 2-core machine). The
-# mean of such a subset lies within 1 nat of the whole set's at about 2.5 standard errors
-# (per-image NLLs spread about 20 nats); the first 2,500 images would not do, since the
-# test set's first images are 1-1.3 nats easier than the rest.
+# Every 4th test image: 2,500 images score in a quarter of the time of all 10,000 (minutes
+# for the Diagonal BiLSTM on 2 cores), and their mean lies within 1 nat of the whole set's
+# at about 2.5 standard errors (per-image NLLs spread about 20 nats). The first 2,500 would
+# not do: the test set's first images are 1-1.3 nats easier than the rest.
 SHIPPED_CHECK_STRIDE = 4
 
 
@@ -1584,11 +1589,10 @@ def test_bench_warms_up_until_steps_stop_faulting_in_fresh_memory(monkeypatch):
 def test_bench_runs_in_fresh_processes_and_rejects_bad_flags(compile_cache):
     bench_py = [sys.executable, str(pathlib.Path(bench.__file__))]
     # The second child process loads the first one's compiled programs from the cache.
-    cached = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     out = subprocess.run(bench_py + ["--models", "pixelcnn", "--batch-size", "2", "--host-devices", "1",
                                      "--no-sampling", "--processes", "2", "--json"],
-                         capture_output=True, text=True, check=True, env=cached).stdout
+                         capture_output=True, text=True, check=True,
+                         env=sharing_compile_cache(compile_cache)).stdout
     machine, row = [json.loads(line) for line in out.splitlines()]
     assert machine["matmul_gflops"] > 0 and row["processes"] == 2
     low, high = row["train_images_per_s_range"]
