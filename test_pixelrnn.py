@@ -843,12 +843,12 @@ print(jax.device_count(), fast[2], plain[2])
 
 
 @pytest.mark.parametrize("model", ["rowlstm", "diagbilstm"])
-def test_the_recurrent_models_all_reduce_once_per_step_on_two_devices(model):
+def test_the_recurrent_models_all_reduce_once_per_step_on_two_devices(model, compile_cache):
     """On 2 host devices the recurrent layers' scans, which compute their state-to-state
     gradient after the backward scan (layers.kernel_gradient_after_scan), give the same
     losses and state as the plain scans, which XLA all-reduces inside the loop (one
     all-reduce per layer in the loop body, and the rest); the step has one all-reduce."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = sharing_compile_cache(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCAN_CHECK, model], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -1408,10 +1408,11 @@ print(sorted(per_step)[2])    # the median step: a heap still growing faults in 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_keep_freed_memory_stops_xla_scratch_buffers_page_faulting_every_step():
+def test_keep_freed_memory_stops_xla_scratch_buffers_page_faulting_every_step(compile_cache):
     def faults(mode):
         result = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], cwd=ROOT,
-                                capture_output=True, text=True, check=True)
+                                capture_output=True, text=True, check=True,
+                                env=sharing_compile_cache(compile_cache))
         return float(result.stdout.split()[-1])
 
     plain, kept = faults("plain"), faults("keep")
