@@ -584,8 +584,8 @@ TINY = ["--model", "pixelcnn", "--layers", "1", "--hidden", "4", "--out-hidden",
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-    """A JAX compilation cache shared by the training subprocesses: the
-    same tiny model compiles once, not once per process."""
+    """A JAX compilation cache shared by the tests' subprocesses (train.py, bench.py and
+    the scripts below): the same program compiles once, not once per process."""
     return tmp_path_factory.mktemp("jax_cache")
 
 
