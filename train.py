@@ -100,8 +100,8 @@ def parse_args(argv=None):
     add("--lr", type=number(float, 0, strict=True), help=f"peak learning rate (default {d['lr']})")
     add("--schedule", choices=training.SCHEDULES,
         help=f"after the warm-up, decay the learning rate to lr * --lr-floor by the end of "
-             f"--epochs (a new --epochs on --resume re-plans the decay from the current step "
-             f"on); default {d['schedule']}")
+             f"--epochs (a new --epochs on --resume stretches or shrinks the whole curve, so the "
+             f"rate jumps to the new curve's value at the current step); default {d['schedule']}")
     add("--warmup", type=number(int, 0), help=f"steps of linear warm-up (default {d['warmup']})")
     add("--lr-floor", type=number(float, 0),
         help=f"the final learning rate as a fraction of --lr (default {d['lr_floor']})")
