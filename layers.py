@@ -12,9 +12,10 @@ features into three contiguous groups tied to R, G and B (paper section 3.4).
 Read top to bottom: masks, masked convolution, the LSTM cell, the Row LSTM
 (section 3.1), skewing and the Diagonal BiLSTM (section 3.2), the PixelCNN
 residual block (section 3.5 / Figure 5) and the output head (section 3.4).
-The last section is a speed path only: the two recurrent layers compute
-their state-to-state gradient after the scan. A reader learning the model
-can stop before it.
+Those are the definitions, and what the model's path reads. The last section
+holds faster equivalents (im2col convolutions on the CPU, the recurrent
+layers' state-to-state gradient after the scan) and swaps them in at one
+place, its last line: a reader learning the model can stop before it.
 """
 
 import jax
@@ -77,66 +78,27 @@ def init_conv(key, kh, kw, features_in, features_out):
     return {"w": w, "b": jnp.zeros((features_out,))}
 
 
-def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1):
-    """2-D convolution, stride 1, whose kernel is multiplied by :func:`conv_mask`:
-    ``(B, H, W, F_in) -> (B, H', W', F_out)``.
-
-    The definition is ``lax.conv_general_dilated`` of the masked kernel.
-    The mask is a numpy constant built from static shapes, so it costs
-    nothing at run time, and masked weights get zero gradient: they stay
-    irrelevant whatever the optimiser does. ``"SAME"`` keeps the map size
-    (zeros outside the image); ``"VALID"`` is used by the fast sampler to
-    evaluate one position from a patch. Where :func:`im2col_is_faster`, the
-    same values come from :func:`im2col_conv` instead.
+def conv(params, x, padding="SAME", mask=None):
+    """2-D convolution, stride 1: ``(B, H, W, F_in) -> (B, H', W', F_out)``, of the
+    kernel ``params["w"] (kh, kw, F_in, F_out)`` times ``mask`` (None: unmasked), plus
+    the bias: ``lax.conv_general_dilated``. ``"SAME"`` keeps the map size (zeros
+    outside the image); ``"VALID"`` is used by the fast sampler to evaluate one
+    position from a patch.
     """
-    mask = conv_mask(params["w"].shape, channels, mask_type, blocks)
-    if im2col_is_faster():
-        return im2col_conv(params, x, padding, mask)
-    y = lax.conv_general_dilated(x, params["w"] * mask, window_strides=(1, 1), padding=padding,
+    w = params["w"] if mask is None else params["w"] * mask
+    y = lax.conv_general_dilated(x, w, window_strides=(1, 1), padding=padding,
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + params["b"]
 
 
-def im2col_is_faster():
-    """Whether convolutions run as :func:`im2col_conv`: the one place that chooses.
+def masked_conv(params, x, channels, mask_type, padding="SAME", blocks=1):
+    """:func:`conv` with the kernel multiplied by :func:`conv_mask` (paper section 3.4).
 
-    True on XLA:CPU, where differentiating ``lax.conv_general_dilated`` with
-    so few features is slow and im2col trains every model faster (see
-    PERFORMANCE.md); elsewhere the definition runs as written.
+    The mask is a numpy constant built from static shapes, so it costs
+    nothing at run time, and masked weights get zero gradient: they stay
+    irrelevant whatever the optimiser does.
     """
-    return jax.default_backend() == "cpu"
-
-
-def im2col(x, kh, kw, padding="SAME", mask=None):
-    """The inputs that a ``kh x kw`` convolution multiplies, side by side ("im2col").
-
-    ``x (B, H, W, F)`` -> ``patches (B, H', W', T * F)`` and the list of the
-    ``T`` taps ``(dy, dx)`` they hold: at output ``(r, c)``, the (padded)
-    input at ``(r + dy, c + dx)`` for each tap that ``mask`` leaves nonzero
-    (all taps when ``mask`` is None). Padding as ``lax``: ``"SAME"`` puts
-    ``(k - 1) // 2`` zeros before and ``k // 2`` after; ``"VALID"`` none.
-    """
-    taps = [(dy, dx) for dy in range(kh) for dx in range(kw) if mask is None or mask[dy, dx].any()]
-    if padding == "SAME":
-        x = jnp.pad(x, [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)])
-    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    return jnp.concatenate([x[:, dy:dy + out_h, dx:dx + out_w] for dy, dx in taps], -1), taps
-
-
-def im2col_conv(params, x, padding="SAME", mask=None):
-    """The fast path of :func:`masked_conv`: the same convolution as one matrix product.
-
-    The :func:`im2col` patches ``(B, H', W', T * F_in)`` of the taps that
-    ``mask`` leaves (a mask-B ``3 x 3`` kernel has 5 of 9) times the stacked
-    kernel ``(T * F_in, F_out)`` of those taps. With ``mask=None`` it is an
-    unmasked convolution: the state-to-state convolutions, which read only
-    earlier pixels, run this way everywhere (a matrix product per step
-    inside the scans). A test keeps it equal to ``lax.conv_general_dilated``,
-    values and gradients.
-    """
-    w = params["w"] if mask is None else params["w"] * mask
-    patches, taps = im2col(x, *w.shape[:2], padding, mask)
-    return patches @ jnp.concatenate([w[tap] for tap in taps], 0) + params["b"]
+    return conv(params, x, padding, conv_mask(params["w"].shape, channels, mask_type, blocks))
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +145,7 @@ def row_lstm_step(state_to_state, carry, gates_from_input):
     every position it reads is in an earlier row, so nothing needs hiding.
     """
     hidden_above, cell_above = carry
-    from_above = im2col_conv(state_to_state, hidden_above[:, None])[:, 0]   # (B, W, 4h)
+    from_above = conv(state_to_state, hidden_above[:, None])[:, 0]         # (B, W, 4h)
     gates = gates_from_input + from_above
     hidden, cell = lstm_cell(gates, cell_above)
     return (hidden, cell), hidden
@@ -208,11 +170,10 @@ def row_lstm(params, x, channels):
     whole map at once; ``lax.scan`` then runs the recurrence down the rows
     (:func:`row_lstm_scan`). Each output sees a triangle above it (and the
     pixels to its left, via the mask-A input layer and the mask-B
-    convolutions). ``row_lstm_scan_fast`` is that scan with a faster
-    gradient, in the speed-path section at the end of this file.
+    convolutions).
     """
     gates_from_input = masked_conv(params["input_to_state"], x, channels, "B", blocks=4)
-    hidden_rows = row_lstm_scan_fast(params["state_to_state"], jnp.swapaxes(gates_from_input, 0, 1))
+    hidden_rows = row_lstm_scan(params["state_to_state"], jnp.swapaxes(gates_from_input, 0, 1))
     hidden = jnp.swapaxes(hidden_rows, 0, 1)
     return masked_conv(params["output"], hidden, channels, "B")
 
@@ -320,9 +281,7 @@ def diagonal_bilstm(params, x, channels):
 
     Direction 0 scans the image's diagonals left to right; direction 1 does
     the same on the horizontally mirrored image. Both run in one
-    ``lax.scan`` (:func:`diagonal_lstm_scan`; ``diagonal_lstm_scan_fast`` is
-    that scan with a faster gradient, in the speed-path section at the end
-    of this file). The input-to-state part is a ``1 x 1`` mask-B
+    ``lax.scan`` (:func:`diagonal_lstm_scan`). The input-to-state part is a ``1 x 1`` mask-B
     convolution, computed on the unskewed map (no work wasted on the skew
     padding) and then skewed. Direction 1's output is mirrored back and
     **shifted down one row** before the two are added: unshifted it would
@@ -340,7 +299,7 @@ def diagonal_bilstm(params, x, channels):
     gates = gates + params["state_to_state"]["b"][:, None, None, None, :]
     gates = jnp.stack([gates[0], gates[1][:, :, ::-1]])               # (2, B, H, W, 4h)
     columns = jnp.moveaxis(skew(gates), 3, 0)                         # (W+H-1, 2, B, H, 4h)
-    hidden_columns = diagonal_lstm_scan_fast(params["state_to_state"]["w"], columns)
+    hidden_columns = diagonal_lstm_scan(params["state_to_state"]["w"], columns)
     hidden = unskew(jnp.moveaxis(hidden_columns, 0, 3))               # (2, B, H, W, h)
     combined = hidden[0] + shift_down(hidden[1][:, :, ::-1])
     return masked_conv(params["output"], combined, channels, "B")
@@ -398,9 +357,47 @@ def output_head(params, x, channels):
     return masked_conv(params["logits"], jax.nn.relu(y), channels, "B")
 
 
-# ---------------------------------------------------------------------------
-# Speed path: the state-to-state gradient after the scan (PERFORMANCE.md)
-# ---------------------------------------------------------------------------
+# ===========================================================================
+# Speed paths (PERFORMANCE.md). Everything above is the definition, and all a
+# reader of the model needs. The functions below compute the same values and
+# gradients faster; the last lines of this file swap them in, and the tests
+# keep each equal to the definition it replaces.
+# ===========================================================================
+
+
+def im2col(x, kh, kw, padding="SAME", mask=None):
+    """The inputs that a ``kh x kw`` convolution multiplies, side by side ("im2col").
+
+    ``x (B, H, W, F)`` -> ``patches (B, H', W', T * F)`` and the list of the
+    ``T`` taps ``(dy, dx)`` they hold: at output ``(r, c)``, the (padded)
+    input at ``(r + dy, c + dx)`` for each tap that ``mask`` leaves nonzero
+    (all taps when ``mask`` is None). Padding as ``lax``: ``"SAME"`` puts
+    ``(k - 1) // 2`` zeros before and ``k // 2`` after; ``"VALID"`` none.
+    """
+    taps = [(dy, dx) for dy in range(kh) for dx in range(kw) if mask is None or mask[dy, dx].any()]
+    if padding == "SAME":
+        x = jnp.pad(x, [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)])
+    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    return jnp.concatenate([x[:, dy:dy + out_h, dx:dx + out_w] for dy, dx in taps], -1), taps
+
+
+def im2col_conv(params, x, padding="SAME", mask=None):
+    """:func:`conv` as one matrix product: the :func:`im2col` patches ``(B, H', W',
+    T * F_in)`` of the taps that ``mask`` leaves (a mask-B ``3 x 3`` kernel has 5 of
+    9) times the stacked kernel ``(T * F_in, F_out)`` of those taps."""
+    w = params["w"] if mask is None else params["w"] * mask
+    patches, taps = im2col(x, *w.shape[:2], padding, mask)
+    return patches @ jnp.concatenate([w[tap] for tap in taps], 0) + params["b"]
+
+
+def fast_conv(params, x, padding="SAME", mask=None):
+    """:func:`conv`, run the faster way: :func:`im2col_conv` on XLA:CPU, where
+    differentiating ``lax.conv_general_dilated`` with so few features is slow, and for
+    the unmasked state-to-state convolutions (a small product per step inside the
+    scans) everywhere; otherwise the definition."""
+    if mask is None or jax.default_backend() == "cpu":
+        return im2col_conv(params, x, padding, mask)
+    return DEFINITIONS["conv"](params, x, padding, mask)
 
 
 def kernel_gradient_after_scan(scan, kernel_gradient):
@@ -459,9 +456,6 @@ def row_lstm_kernel_gradient(state_to_state, hidden, d_gates):
     return {"w": d_kernel.reshape(state_to_state["w"].shape), "b": d_gates.sum((0, 1, 2))}
 
 
-row_lstm_scan_fast = kernel_gradient_after_scan(row_lstm_scan, row_lstm_kernel_gradient)
-
-
 def diagonal_lstm_kernel_gradient(kernel, hidden, d_gates):
     """The state-to-state kernel's gradient ``(2, 2, 1, h, 4h)``, from every column's
     state ``hidden (T, 2, B, H, h)`` and gate gradients ``d_gates (T, 2, B, H, 4h)``:
@@ -472,5 +466,18 @@ def diagonal_lstm_kernel_gradient(kernel, hidden, d_gates):
     return d_kernel.reshape(kernel.shape)
 
 
-diagonal_lstm_scan_fast = kernel_gradient_after_scan(diagonal_lstm_scan,
-                                                     diagonal_lstm_kernel_gradient)
+# ---------------------------------------------------------------------------
+# The swap: the one place where the speed paths replace the definitions.
+# The layers above look these names up when they run, so from here on they
+# call the faster versions; delete the last line to run the definitions.
+# ---------------------------------------------------------------------------
+
+DEFINITIONS = {"conv": conv, "row_lstm_scan": row_lstm_scan,
+               "diagonal_lstm_scan": diagonal_lstm_scan}
+SPEED_PATHS = {
+    "conv": fast_conv,
+    "row_lstm_scan": kernel_gradient_after_scan(row_lstm_scan, row_lstm_kernel_gradient),
+    "diagonal_lstm_scan": kernel_gradient_after_scan(diagonal_lstm_scan,
+                                                     diagonal_lstm_kernel_gradient),
+}
+conv, row_lstm_scan, diagonal_lstm_scan = (SPEED_PATHS[name] for name in DEFINITIONS)

@@ -34,10 +34,6 @@ import layers
 
 MODELS = ("rowlstm", "diagbilstm", "pixelcnn")
 
-# The depth of each of the paper's MNIST models: the default of Config.layers.
-PAPER_LAYERS = {"rowlstm": 7, "diagbilstm": 7, "pixelcnn": 15}
-HIDDEN, OUT_HIDDEN = 16, 32      # defaults of Config.hidden and Config.out_hidden
-
 # Each model's hidden layer, as an (init, apply) pair from layers.py.
 HIDDEN_LAYERS = {
     "rowlstm": (layers.init_row_lstm, layers.row_lstm),
@@ -51,11 +47,10 @@ class Config:
     """Everything that fixes a model's shapes. Frozen and hashable: a static jit argument.
 
     ``hidden`` is h of the paper: the recurrent state size (PixelCNN: the
-    width inside a block); the residual stream carries ``2h`` features.
-    Left out (``None``), ``layers`` is the paper's depth for the model
-    (``PAPER_LAYERS``: 7, or 15 for PixelCNN) and ``hidden`` and
-    ``out_hidden`` are 16 and 32, rounded up to a multiple of ``channels``
-    (RGB features are split into three colour groups: 18 and 33).
+    width inside a block); the residual stream carries ``2h`` features. The
+    defaults are the paper's Diagonal BiLSTM for MNIST (7 layers, h = 16, a
+    head of 32 features, section 5); ``train.py`` holds each model's own sizes.
+    With ``channels=3`` every feature count must split into R, G, B thirds.
 
     ``residual`` adds each layer's output to its input (paper section 3.4).
     ``skip`` feeds the head the sum of the residual stream after every
@@ -73,23 +68,17 @@ class Config:
     width: int = 28
     channels: int = 1
     levels: int = 2
-    hidden: int = None
-    layers: int = None
+    hidden: int = 16
+    layers: int = 7
     skip: bool = True
     residual: bool = True
-    out_hidden: int = None
+    out_hidden: int = 32
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"Config.model={self.model!r}: must be one of {', '.join(MODELS)}")
         if self.channels not in (1, 3):
             raise ValueError(f"Config.channels={self.channels!r}: must be 1 (grey) or 3 (RGB)")
-        defaults = {"layers": PAPER_LAYERS[self.model],
-                    "hidden": -(-HIDDEN // self.channels) * self.channels,
-                    "out_hidden": -(-OUT_HIDDEN // self.channels) * self.channels}
-        for field, value in defaults.items():
-            if getattr(self, field) is None:
-                object.__setattr__(self, field, value)     # frozen: set once, here
         for field in ("height", "width", "hidden", "layers", "out_hidden"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -139,43 +128,26 @@ def preprocess(cfg, images):
     return images.astype(jnp.float32) * (2.0 / (cfg.levels - 1)) - 1.0
 
 
-def layer_stack(params, cfg, stream, apply_layer):
-    """The hidden layers with their residual and skip connections, then the output head.
-
-    ``stream (..., 2h)`` is the input layer's output; ``apply_layer(i,
-    stream) -> (output, extra)`` runs hidden layer ``i`` (on whole maps in
-    :func:`network`, at one pixel in the fast sampler, which keeps each
-    layer's ``extra`` values for its caches). Returns the logits
-    ``(..., C, levels)`` and the list of ``extra`` values.
-
-    A Python loop, unrolled when traced, rather than a ``lax.scan`` over
-    stacked parameters: each layer keeps its own named parameters (the
-    checkpoint's ``params/layers/<i>/...``), and compiling 15 unrolled
-    layers takes seconds.
-    """
-    skip_sum, extras = 0.0, []
-    for i in range(cfg.layers):
-        out, extra = apply_layer(i, stream)
-        stream = stream + out if cfg.residual else out
-        skip_sum = skip_sum + stream
-        extras.append(extra)
-    head_output = layers.output_head(params["head"], skip_sum if cfg.skip else stream, cfg.channels)
-    return head_to_logits(cfg, head_output), extras
-
-
 def network(params, cfg, x):
     """The model on real-valued inputs ``x (B, H, W, C)`` -> logits ``(B, H, W, C, levels)``.
 
-    Separate from :func:`logits` so the tests can differentiate the logits
-    with respect to the input and prove the model causal.
+    The hidden layers run in a Python loop, unrolled when traced, rather than
+    a ``lax.scan`` over stacked parameters: each layer keeps its own named
+    parameters (a checkpoint's ``params/layers/<i>/...``), and compiling 15
+    unrolled layers takes seconds. Separate from :func:`logits` so the tests
+    can differentiate the logits with respect to the input and prove the
+    model causal.
     """
-    _, apply_layer = HIDDEN_LAYERS[cfg.model]
-
-    def hidden_layer(i, stream):
-        return apply_layer(params["layers"][i], stream, cfg.channels), None
-
+    _, hidden_layer = HIDDEN_LAYERS[cfg.model]
     stream = layers.masked_conv(params["input"], x, cfg.channels, "A")
-    return layer_stack(params, cfg, stream, hidden_layer)[0]
+    skip_sum = 0.0
+    for layer_params in params["layers"]:
+        out = hidden_layer(layer_params, stream, cfg.channels)
+        stream = stream + out if cfg.residual else out                 # residual connection
+        skip_sum = skip_sum + stream                                   # skip connection
+    head_output = layers.output_head(params["head"], skip_sum if cfg.skip else stream,
+                                     cfg.channels)
+    return head_to_logits(cfg, head_output)
 
 
 def head_to_logits(cfg, head_output):
@@ -361,8 +333,7 @@ def _row_lstm_at(params, cfg, cache, x, col):
     """:func:`layers.row_lstm` at pixel ``col`` of the current row, from its input ``x (B, 1, 1, 2h)``."""
     above, left = cache["above"], cache["left"]
     gates = (_conv_at(params["input_to_state"], cfg, _own_row(left["input"], x), blocks=4)
-             + layers.im2col_conv(params["state_to_state"], _centred(above["hidden"], col, 3),
-                                  padding="VALID"))
+             + layers.conv(params["state_to_state"], _centred(above["hidden"], col, 3), "VALID"))
     hidden, cell = layers.lstm_cell(gates, _centred(above["cell"], col, 1))
     return _conv_at(params["output"], cfg, hidden), {"input": x, "hidden": hidden, "cell": cell}
 
@@ -394,7 +365,7 @@ def _diagonal_gates(direction, cfg, x, state_above, state_beside):
     """
     states = jnp.concatenate([state_above, state_beside], axis=1)   # (B, 2, 1, h)
     return (_conv_at(direction["input_to_state"], cfg, x, blocks=4)
-            + layers.im2col_conv(direction["state_to_state"], states, padding="VALID"))
+            + layers.conv(direction["state_to_state"], states, "VALID"))
 
 
 def _diagonal_at(params, cfg, cache, x, col):
@@ -446,13 +417,16 @@ def network_at(params, cfg, patch, caches, col):
     logits ``(B, C, levels)`` and each layer's values at the pixel.
     """
     _, layer_at, _ = FAST_LAYERS[cfg.model]
-
-    def hidden_layer(i, stream):
-        return layer_at(params["layers"][i], cfg, caches[i], stream, col)
-
     stream = _conv_at(params["input"], cfg, patch, "A")
-    pixel_logits, values = layer_stack(params, cfg, stream, hidden_layer)
-    return pixel_logits[:, 0, 0], values
+    skip_sum, values = 0.0, []
+    for layer_params, cache in zip(params["layers"], caches):     # as in network
+        out, layer_values = layer_at(layer_params, cfg, cache, stream, col)
+        stream = stream + out if cfg.residual else out
+        skip_sum = skip_sum + stream
+        values.append(layer_values)
+    head_output = layers.output_head(params["head"], skip_sum if cfg.skip else stream,
+                                     cfg.channels)
+    return head_to_logits(cfg, head_output)[:, 0, 0], values
 
 
 class Sampling(typing.NamedTuple):

@@ -1,25 +1,19 @@
 """Draw samples, or complete occluded test images, with a trained model: a PNG grid.
 
-    python sample.py                                   # 64 samples from the newest trained run
-    python sample.py --num 16 --seed 1 --out grid.png
-    python sample.py --model pixelcnn                  # the newest PixelCNN run, else the shipped one
-    python sample.py --checkpoint runs/pixelcnn-mnist/checkpoint.npz
+    python sample.py                                   # 64 samples from the shipped Diagonal BiLSTM
+    python sample.py --model pixelcnn --num 16 --seed 1 --out grid.png
+    python sample.py --checkpoint runs/pixelcnn-mnist/best.npz
     python sample.py --complete                        # the paper's Figure 1
 
-Without ``--checkpoint`` it takes ``best.npz`` (the best validation NLL) of
-the run under ``runs/`` whose ``best.npz`` is newest (of ``--model`` if
-given). Where there is none, as on a fresh clone, it takes the trained
-binarized-MNIST weights shipped in ``weights/``: ``weights/<model>-mnist.npz``,
-by default the shipped model with the paper's best NLL. It says which file it
-used.
-
+Without ``--checkpoint`` it draws from the binarized-MNIST weights shipped in
+``weights/<model>-mnist.npz``, by default the model with the paper's best NLL.
 ``--complete`` lays out the paper's Figure 1: one test image per row, its
-lower half occluded (grey), then several completions sampled given the upper
-half, then the original. Sampling uses the fast sampler
-(``pixelrnn.sample`` / ``pixelrnn.complete``); the time it takes is printed
-with the compile time apart.
+lower half occluded (grey), several completions given the upper half, then
+the original. Sampling uses the fast sampler (``pixelrnn.sample`` /
+``pixelrnn.complete``); its time is printed with the compile time apart.
 """
 
+import argparse
 import pathlib
 import sys
 import time
@@ -27,87 +21,63 @@ import time
 import jax
 import numpy as np
 
-import checkpoint
 import data
 import pixelrnn
-from checkpoint import UserError
+import training
+from training import UserError
 
 # ---- defaults: edit them here or override them on the command line ----
-RUNS = pathlib.Path("runs")  # where train.py writes its runs
-WEIGHTS = pathlib.Path(__file__).resolve().parent / "weights"  # trained models shipped with the code
-SHIPPED = ("diagbilstm", "rowlstm", "pixelcnn")  # by the paper's MNIST NLL: 79.20, 80.54, 81.30 nats
+WEIGHTS = pathlib.Path(__file__).resolve().parent / "weights"  # the shipped models
+SHIPPED = ("diagbilstm", "rowlstm", "pixelcnn")  # by the paper's MNIST NLL: 79.20, 80.54, 81.30
 NUM = 64                     # samples in the grid (8 x 8)
-SEED = 0
 IMAGES = 8                   # --complete: test images, one per row
 COMPLETIONS = 5              # --complete: completions of each
-PROGRAM = "sample.py"
+PNG = b"\x89PNG\r\n\x1a\n"   # the first bytes of every PNG file
 
 
-def parse_args(argv=None):
-    p = checkpoint.OneLineParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
-    add, number = p.add_argument, checkpoint.number
-    which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--checkpoint", type=pathlib.Path,
-        help=f"a checkpoint .npz written by train.py (default: the newest best.npz under {RUNS}/, "
-             f"else the shipped weights/<model>-mnist.npz)")
-    which.add_argument(
-        "--model", choices=pixelrnn.MODELS,
-        help="take this model's newest run, else its shipped weights (default: any model's "
-             f"newest run, else the first shipped of {', '.join(SHIPPED)})")
-    add("--num", type=number(int, 1), default=NUM, help=f"samples (default {NUM})")
-    add("--seed", type=number(int, 0), default=SEED, help=f"default {SEED}")
-    add("--out", type=pathlib.Path,
-        help="PNG to write (default: next to the checkpoint; for shipped weights, "
-             "<model>-samples_seed<S>.png here)")
-    add("--scale", type=number(int, 1), default=data.GRID_SCALE,
-        help=f"screen pixels per image pixel (default {data.GRID_SCALE})")
-    add("--complete", action="store_true", help="complete occluded test images instead")
-    add("--images", type=number(int, 1), default=IMAGES, help=f"--complete: test images (default {IMAGES})")
-    add("--completions", type=number(int, 1), default=COMPLETIONS,
-        help=f"--complete: completions per image (default {COMPLETIONS})")
-    add("--data-dir", help="--complete: the dataset's folder, as given to train.py")
-    return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------
-
-
-def newest_checkpoint(model=None, runs=RUNS):
-    """The newest ``best.npz`` under ``runs`` (of ``model`` if given): the best
-    parameters of the run that validated last, or ``None`` (a run stopped before
-    its first validation has none)."""
-    trained = sorted(runs.glob("*/best.npz"), key=lambda path: path.stat().st_mtime, reverse=True)
-    return next((path for path in trained
-                 if model is None or checkpoint.read(path).cfg.model == model), None)
+# usage=SUPPRESS: a mistake is one line, "sample.py: error: ...", and exit code 2.
+parser = argparse.ArgumentParser(prog="sample.py", usage=argparse.SUPPRESS,
+                                 description=__doc__.split("\n\n")[0])
+which = parser.add_mutually_exclusive_group()
+which.add_argument("--checkpoint", type=pathlib.Path, help="a .npz written by train.py")
+which.add_argument("--model", choices=pixelrnn.MODELS,
+                   help=f"this model's shipped weights (default {SHIPPED[0]})")
+parser.add_argument("--num", type=training.number(int, 1), default=NUM, help=f"samples (default {NUM})")
+parser.add_argument("--seed", type=int, default=0, help="default 0")
+parser.add_argument("--out", type=pathlib.Path, help="PNG to write (default: beside the "
+                    "checkpoint; for shipped weights <model>-<kind>_seed<S>.png here)")
+parser.add_argument("--scale", type=training.number(int, 1), default=data.GRID_SCALE,
+                    help=f"screen pixels per image pixel (default {data.GRID_SCALE})")
+parser.add_argument("--complete", action="store_true", help="complete occluded test images")
+parser.add_argument("--images", type=training.number(int, 1), default=IMAGES,
+                    help=f"--complete: test images (default {IMAGES})")
+parser.add_argument("--completions", type=training.number(int, 1), default=COMPLETIONS,
+                    help=f"--complete: completions per image (default {COMPLETIONS})")
+parser.add_argument("--data-dir", help="--complete: the dataset's folder, as given to train.py")
 
 
 def shipped_checkpoint(model=None, weights=WEIGHTS):
-    """``weights/<model>-mnist.npz``, or without ``model`` the first of ``SHIPPED``
-    that is there; ``None`` if it is not there."""
-    paths = (weights / f"{name}-mnist.npz" for name in ([model] if model else SHIPPED))
-    return next((path for path in paths if path.is_file()), None)
+    """``weights/<model>-mnist.npz``, by default the first of ``SHIPPED`` there."""
+    for name in [model] if model else SHIPPED:
+        if (weights / f"{name}-mnist.npz").is_file():
+            return weights / f"{name}-mnist.npz"
+    raise UserError(f"no {weights / (model or '<model>')}-mnist.npz: train one first, e.g. "
+                    f"`python train.py --model {model or 'rowlstm'}`, and pass --checkpoint PATH")
 
 
-def choose_checkpoint(model=None, runs=RUNS, weights=WEIGHTS):
-    """The newest trained run's ``best.npz``, else the shipped weights (see the
-    module docstring). Neither: a :class:`UserError` that says how to train one."""
-    path = newest_checkpoint(model, runs) or shipped_checkpoint(model, weights)
-    if path is None:
-        which = f"{model} " if model else ""
-        raise UserError(f"no trained {which}run under {runs}/ (no best.npz) and no shipped "
-                        f"{weights.name}/{model or '<model>'}-mnist.npz: train one first, e.g. "
-                        f"`python train.py --model {model or 'rowlstm'}`, or pass --checkpoint PATH")
-    return path
+def default_out(path, kind, seed):
+    """Beside a run's checkpoint; for shipped weights, in the current folder."""
+    if path.resolve().parent == WEIGHTS:
+        return pathlib.Path(f"{path.name.split('-')[0]}-{kind}_seed{seed}.png")
+    return path.parent / f"{kind}_seed{seed}.png"
 
 
-def default_out(path, model, kind, seed, weights=WEIGHTS):
-    """Next to a run's checkpoint; for shipped weights, in the current folder
-    (the repository's ``weights/`` holds only the models)."""
-    name = f"{kind}_seed{seed}.png"
-    return pathlib.Path(f"{model}-{name}") if path.parent == weights else path.parent / name
+def check_out(out, checkpoint):
+    """Refuse, before any work, to replace the checkpoint or a file that is not a PNG."""
+    if out.exists() and (out.resolve() == checkpoint.resolve() or out.read_bytes()[:8] != PNG):
+        raise UserError(f"--out {out} would replace a file that is not a PNG image")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"cannot write {out}: no folder {out.parent}")
 
 
 # ---------------------------------------------------------------------------
@@ -173,25 +143,27 @@ def load_test_images(settings, data_dir, cfg, count):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    path = args.checkpoint or choose_checkpoint(args.model)
-    cfg, params, settings = checkpoint.load_params(path)
-    key = jax.random.PRNGKey(args.seed)
-    kind = "completions" if args.complete else "samples"
-    out = args.out or default_out(path, cfg.model, kind, args.seed)
-    if args.complete:
-        images = load_test_images(settings, args.data_dir, cfg, args.images)
-        completed, compile_s, run_s = draw_completions(params, cfg, key, images, args.completions)
-        grid = figure_1(images, completed, cfg.levels)
-        count = len(images) * args.completions
-    else:
-        samples, compile_s, run_s = draw_samples(params, cfg, key, args.num)
-        grid = data.image_grid(samples, cfg.levels)
-        count = len(samples)
+    args = parser.parse_args(argv)
     try:
+        path = args.checkpoint or shipped_checkpoint(args.model)
+        kind = "completions" if args.complete else "samples"
+        out = args.out or default_out(path, kind, args.seed)
+        check_out(out, path)
+        cfg, params, meta = training.load_params(path)
+        key = jax.random.PRNGKey(args.seed)
+        if args.complete:
+            images = load_test_images(meta["settings"], args.data_dir, cfg, args.images)
+            completed, compile_s, run_s = draw_completions(params, cfg, key, images,
+                                                           args.completions)
+            grid, count = figure_1(images, completed, cfg.levels), len(images) * args.completions
+        else:
+            samples, compile_s, run_s = draw_samples(params, cfg, key, args.num)
+            grid, count = data.image_grid(samples, cfg.levels), len(samples)
         data.save_png(out, grid, args.scale)
     except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+        parser.error(f"cannot write {out}: {e.strerror or e}")
+    except (UserError, data.DataError) as e:
+        parser.error(" ".join(str(e).split()))
     print(f"wrote {out}: {count} {kind} from {path} in {run_s:.2f} s "
           f"(compiling took {compile_s:.1f} s more)"
           + ("" if args.checkpoint else "; --checkpoint PATH picks another model"))
@@ -199,7 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (UserError, data.DataError) as e:
-        checkpoint.fail(e, PROGRAM)
+    sys.exit(main())

@@ -1,7 +1,19 @@
 """The pytest suite: proofs that the models are valid autoregressive models,
 then the data, training, sampling and benchmark tools built on them.
 
-Run it with ``python -m pytest -q``.
+    python -m pytest -q                  # everything (what CI runs)
+    python -m pytest -q -m "not slow"    # the proofs and unit tests, no subprocesses
+
+Contents, in file order:
+
+1. The models: causality (Jacobians), receptive fields, normalisation by
+   enumeration, samplers and completion drawing from the model, masks, configs.
+2. Data: the embedded MNIST, binarization, batches, loaders, PNG files.
+3. Training runs (slow: train.py in subprocesses): outputs, exact resume,
+   --init-from, --evaluate, several devices and processes, signals, mistakes.
+4. The fast sampler equal to the reference, and sample.py.
+5. The shipped weights score their README figures.
+6. Speed paths equal to the definitions they replace, and bench.py.
 """
 
 import ast
@@ -10,12 +22,10 @@ import gzip
 import hashlib
 import itertools
 import json
-import mmap
 import os
 import pathlib
 import pickle
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -34,10 +44,10 @@ import optax
 import pytest
 
 import bench
-import checkpoint
 import data
 import layers
 import pixelrnn
+import sample
 import train
 import training
 
@@ -317,13 +327,12 @@ def test_an_impossible_value_has_log_probability_minus_infinity():
     assert (log_p[1:] == -np.inf).all()
 
 
-def test_config_defaults_are_the_papers_sizes_rounded_for_rgb():
-    assert [pixelrnn.Config(model=m).layers for m in pixelrnn.MODELS] == [7, 7, 15]
-    assert (pixelrnn.Config().hidden, pixelrnn.Config().out_hidden) == (16, 32)
-    rgb = pixelrnn.Config(channels=3, levels=256)
-    assert (rgb.hidden, rgb.out_hidden) == (18, 33)
-    assert pixelrnn.Config(model="pixelcnn", layers=2, hidden=8) == pixelrnn.Config(
-        model="pixelcnn", layers=2, hidden=8, out_hidden=32)
+def test_config_defaults_are_the_papers_diagonal_bilstm_and_train_py_holds_each_models_size():
+    cfg = pixelrnn.Config()
+    assert (cfg.layers, cfg.hidden, cfg.out_hidden, cfg.skip, cfg.residual) == (7, 16, 32, True, True)
+    assert [train.SIZES[m]["layers"] for m in pixelrnn.MODELS] == [7, 7, 15]
+    with pytest.raises(ValueError, match="Config.hidden=16: must be divisible by channels=3"):
+        pixelrnn.Config(channels=3, levels=256)
 
 
 def mnist_like_batch():
@@ -662,6 +671,7 @@ def tiny_runs(tmp_path_factory, compile_cache):
     return dirs, results
 
 
+@pytest.mark.slow
 def test_training_writes_every_output_and_the_loss_falls(tiny_runs):
     dirs, results = tiny_runs
     run = dirs["full"]
@@ -674,12 +684,13 @@ def test_training_writes_every_output_and_the_loss_falls(tiny_runs):
     train_loss, valid = [line["train_loss"] for line in epochs], [line["valid_nll"] for line in epochs]
     assert train_loss == sorted(train_loss, reverse=True) and valid == sorted(valid, reverse=True)
     assert test["unit"] == "nats" and 0 < test["test_nll"] < 28 * 28 * np.log(2)
-    best = checkpoint.read(run / "best.npz")   # the shareable file: best parameters, whole record
-    assert best.progress.tested and best.progress.metrics == epochs + [test]
+    meta, _ = training.read(run / "best.npz")   # the shareable file: best parameters, whole record
+    assert meta["progress"]["tested"] and meta["progress"]["metrics"] == epochs + [test]
     grid = (2 * 29 + 1) * data.GRID_SCALE                     # 4 samples, 2 x 2, enlarged
     assert read_png(run / "samples.png").shape == (grid, grid)
 
 
+@pytest.mark.slow
 def test_the_first_line_gives_the_sizes_actually_used(tiny_runs):
     stdout = tiny_runs[1]["full"][1]
     assert stdout.splitlines()[0] == (
@@ -692,17 +703,18 @@ def test_the_first_line_names_the_connections_switched_off():
                           residual=False)
     run = types.SimpleNamespace(cfg=cfg, state={"params": pixelrnn.init(jax.random.PRNGKey(0), cfg)},
                                 settings={"dataset": "mnist"}, target={"epochs": 1, "max_steps": 0},
-                                steps_per_epoch=4, out="runs/x")
+                                steps_per_epoch=4, last_step=4, out="runs/x")
     assert "h=4, head 8, no skip connections, no residual connections, " in train.describe_run(run)
 
 
 def parameter_count(argv):
-    args = train.parse_args(argv)
+    args = train.parser.parse_args(argv)
     cfg = pixelrnn.Config(model=args.model, layers=args.layers, hidden=args.hidden,
                           out_hidden=args.out_hidden)
     return f"{pixelrnn.parameter_count(pixelrnn.init(jax.random.PRNGKey(0), cfg)):,}"
 
 
+@pytest.mark.slow
 def test_the_bar_and_the_validation_line_show_the_same_loss_and_speed(tiny_runs):
     """One loss (mean of the recent steps, in nats) and one images/s (compilation
     excluded) in the progress bar, the line after it and metrics.jsonl."""
@@ -716,6 +728,7 @@ def test_the_bar_and_the_validation_line_show_the_same_loss_and_speed(tiny_runs)
     assert "it/s" not in stderr and "img/s]" in stderr
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_runs):
     """12 steps in one run == 6 steps, stop, resume, 6 more: the same parameters,
     averaged parameters, optimizer state, learning rates and validation NLL."""
@@ -740,6 +753,7 @@ def test_resume_continues_exactly(tiny_runs):
         f"resuming {dirs['half']} at step 6 (epoch 2, batch 2) of 12 steps (3 epochs)")
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_the_averaged_parameters_and_carries_the_record(
         tiny_runs, tmp_path, compile_cache):
     """--init-from with another batch size: model, dataset and the settings not given come
@@ -770,6 +784,7 @@ def test_init_from_starts_a_new_run_from_the_averaged_parameters_and_carries_the
                                        atol=1e-7)
 
 
+@pytest.mark.slow
 def test_curve_svg_plots_one_point_per_validation(tiny_runs):
     run = tiny_runs[0]["full"]
     validations = [line for line in metrics(run) if "valid_nll" in line]
@@ -791,6 +806,7 @@ def test_curve_svg_draws_the_papers_figure_dashed():
     assert "paper: 81.3" in [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
 
 
+@pytest.mark.slow
 def test_evaluate_scores_a_checkpoint_with_its_standard_error(tiny_runs, compile_cache):
     """train.py --evaluate prints the mean -log_prob of the averaged parameters over the
     validation and test images, ± the standard error over images."""
@@ -798,14 +814,14 @@ def test_evaluate_scores_a_checkpoint_with_its_standard_error(tiny_runs, compile
     code, stdout, stderr = wait(start_train(["--evaluate", str(best), "--eval-subset", "32"],
                                             compile_cache))
     assert code == 0, stderr
-    cfg, params, _ = checkpoint.load_params(best)
+    cfg, params, _ = training.load_params(best)
     ds = data.load_dataset("mnist")
     for line, images in zip(stdout.splitlines(), (ds.valid[:32], ds.test[:32])):
         nll = -np.asarray(pixelrnn.log_prob(params, cfg, images), np.float64)
         name, mean, _, se, unit, *_ = line.split()
         assert name in ("valid", "test") and unit == "nats"
         assert float(mean) == pytest.approx(nll.mean(), abs=2e-4)
-        assert float(se) == pytest.approx(nll.std(ddof=1) / np.sqrt(32), abs=2e-4)
+        assert float(se) == pytest.approx(nll.std(ddof=1) / np.sqrt(32), abs=5e-3)
     other = wait(start_train(["--evaluate", str(best), "--eval-subset", "32", "--test-seed", "1"],
                              compile_cache))[1].splitlines()
     assert other[0] == stdout.splitlines()[0] and other[1] != stdout.splitlines()[1]
@@ -818,7 +834,8 @@ TWO_DEVICE_SCAN_CHECK = """
 import sys, jax, numpy as np, layers, training, pixelrnn
 cfg = pixelrnn.Config(model=sys.argv[1], layers=2, hidden=4, out_hidden=8)
 mesh = training.make_mesh(8, 8)
-optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=10)
+optimizer = training.make_optimizer(dict(optimizer="adam", lr=1e-3, schedule="cosine", warmup=2,
+                                          lr_floor=0.05, clip=1.0), planned_steps=10)
 images = (np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.int32)
 
 def two_steps():
@@ -833,7 +850,8 @@ def two_steps():
     return losses, state, compiled.as_text().count(" all-reduce(")
 
 fast = two_steps()
-layers.row_lstm_scan_fast, layers.diagonal_lstm_scan_fast = layers.row_lstm_scan, layers.diagonal_lstm_scan
+layers.row_lstm_scan = layers.DEFINITIONS["row_lstm_scan"]
+layers.diagonal_lstm_scan = layers.DEFINITIONS["diagonal_lstm_scan"]
 plain = two_steps()
 np.testing.assert_allclose(fast[0], plain[0], rtol=1e-5)
 for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(plain[1])):
@@ -842,6 +860,7 @@ print(jax.device_count(), fast[2], plain[2])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["rowlstm", "diagbilstm"])
 def test_the_recurrent_models_all_reduce_once_per_step_on_two_devices(model, compile_cache):
     """On 2 host devices the recurrent layers' scans, which compute their state-to-state
@@ -856,6 +875,7 @@ def test_the_recurrent_models_all_reduce_once_per_step_on_two_devices(model, com
     assert devices == 2 and fast == 1 and plain > 2
 
 
+@pytest.mark.slow
 def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):
     dirs, results = tiny_runs
     assert "2 cpu devices" in results["two_devices"][1]
@@ -864,6 +884,7 @@ def test_two_host_devices_follow_the_same_loss_trajectory(tiny_runs):
         np.testing.assert_allclose([m[key] for m in two[:-1]], [m[key] for m in one[:-1]], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_two_distributed_processes_train_as_one_process_with_two_devices(tiny_runs):
     """Two train.py --distributed processes on 127.0.0.1, one CPU device each: the
     loss trajectory of one process with two devices; only process 0 writes files."""
@@ -879,6 +900,7 @@ def test_two_distributed_processes_train_as_one_process_with_two_devices(tiny_ru
     np.testing.assert_allclose(two_processes[-1]["test_nll"], two_devices[-1]["test_nll"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_missing_or_unreachable_coordinator_or_absent_peer_is_one_line(tmp_path, compile_cache):
     """Each is a user mistake: one line and exit code 2, not JAX's C++ abort."""
     missing = wait(start_train(TINY + ["--out", str(tmp_path), "--distributed"], compile_cache))
@@ -893,6 +915,7 @@ def test_a_missing_or_unreachable_coordinator_or_absent_peer_is_one_line(tmp_pat
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumed_with_nothing_to_do_says_so_and_changes_no_file(tiny_runs, tmp_path,
                                                                                compile_cache):
     for name, target in (("full", "12 steps (3 epochs)"), ("half", "12 steps (3 epochs)")):
@@ -917,9 +940,10 @@ def test_a_finished_run_resumed_with_nothing_to_do_says_so_and_changes_no_file(t
 ])
 def test_a_resumed_run_keeps_its_target_unless_a_new_one_is_given(given, saved, expected):
     argv = [f"--{name.replace('_', '-')}={value}" for name, value in given.items()]
-    assert train.resolve_target(train.parse_args(argv), saved) == expected
+    assert train.resolve_target(train.parser.parse_args(argv), saved) == expected
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_a_bare_resume_keeps_the_target(tmp_path, compile_cache):
     """Interrupted after its first epoch, a run saves where it stands and says so;
     resumed with a bare --resume it heads for its own --epochs, not the default."""
@@ -930,7 +954,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_bare_resume_keeps_the_target(tmp_path, 
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     code, _, stderr = wait(process)
-    assert code == train.EXIT_INTERRUPTED, stderr
+    assert code == 128 + signal.SIGINT, stderr
     assert "Traceback" not in stderr
     meta = checkpoint_meta(tmp_path / "checkpoint.npz")
     step, epoch, index = (meta["progress"][name] for name in ("step", "epoch", "index"))
@@ -944,7 +968,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_bare_resume_keeps_the_target(tmp_path, 
     assert resumed.stdout.readline() == (f"resuming {tmp_path} at step {step} (epoch {epoch + 1}, "
                                          f"batch {index}) of 4000 steps (1000 epochs)\n")
     resumed.send_signal(signal.SIGINT)
-    assert wait(resumed)[0] == train.EXIT_INTERRUPTED
+    assert wait(resumed)[0] == 128 + signal.SIGINT
 
 
 def user_error(capsys, argv):
@@ -953,53 +977,68 @@ def user_error(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         train.main([*argv, "--host-devices", "1"])
     stderr = capsys.readouterr().err
-    assert exit_info.value.code == checkpoint.EXIT_USER_ERROR, stderr
+    assert exit_info.value.code == 2, stderr
     assert stderr.startswith("train.py: error: ") and stderr.count("\n") == 1, stderr
     return stderr
 
 
-def test_user_mistakes_exit_2_with_one_line(tiny_runs, tmp_path, capsys):
+# A mistake -> the words its one line must hold. In the command lines, RUN is a copy of a
+# finished run, NEW a folder that must not appear, TMP the test's folder.
+MISTAKES = {
+    "--model": ["--model", "transformer"],
+    "--dataset": ["--dataset", "imagenet"],
+    "--hidden": ["--hidden", "0"],
+    "--batch-size": ["--batch-size", "-1"],
+    "larger than": TINY + ["--batch-size", "128", "--out", "NEW"],
+    "divisible by channels=3": ["--dataset", "cifar10", "--data-dir", "TMP/cifar", "--batch-size",
+                                "4", "--hidden", "16", "--out", "NEW"],
+    "data_batch_1 not found": ["--dataset", "cifar10", "--data-dir", "TMP", "--out", "NEW"],
+    "the cifar10 dataset is not embedded: give --data-dir, a folder holding CIFAR-10's":
+        ["--dataset", "cifar10", "--out", "NEW"],
+    "the idx dataset is not embedded: give --data-dir, a folder holding train-images-idx3":
+        ["--dataset", "idx", "--out", "NEW"],
+    "--binarize is for binary datasets (mnist, idx-binary), not mnist256":
+        ["--dataset", "mnist256", "--binarize", "fixed", "--out", "NEW"],
+    "already holds a run": TINY + ["--out", "RUN"],
+    "does not match the checkpoint": ["--out", "RUN", "--resume", "--model", "rowlstm"],
+    "no checkpoint to resume": ["--out", "TMP/none", "--resume"],
+    "--init-from starts a new run; leave it out to --resume one":
+        ["--out", "RUN", "--resume", "--init-from", "RUN/best.npz"],
+    "--init-from keeps the model and the dataset":
+        ["--init-from", "RUN/best.npz", "--model", "rowlstm", "--out", "NEW"],
+    "no checkpoint at TMP/none.npz": ["--init-from", "TMP/none.npz", "--out", "NEW"],
+    "cannot write to --out": TINY + ["--out", "TMP/file/run"],
+    "coordinator address 'nowhere': expected HOST:PORT":
+        TINY + ["--distributed", "--coordinator", "nowhere", "--out", "NEW"],
+}
+
+
+@pytest.fixture
+def finished_run(tiny_runs, tmp_path):
+    """A copy of a finished run in ``tmp_path / "run"``, a file ``tmp_path / "file"`` and
+    CIFAR-10 files in ``tmp_path / "cifar"``."""
     run = tmp_path / "run"
     shutil.copytree(tiny_runs[0]["full"], run)
-    files = {path: path.read_bytes() for path in run.iterdir()}
-    not_a_dir = tmp_path / "file"
-    not_a_dir.write_text("")
+    (tmp_path / "file").write_text("")
     write_cifar10(tmp_path / "cifar")
-    cases = {
-        "--model": ["--model", "transformer"],
-        "--dataset": ["--dataset", "imagenet"],
-        "--hidden": ["--hidden", "0"],
-        "--batch-size": ["--batch-size", "-1"],
-        "larger than": TINY + ["--batch-size", "128", "--out", str(tmp_path / "new")],
-        "divisible by channels=3": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"),
-                                    "--batch-size", "4", "--hidden", "16",
-                                    "--out", str(tmp_path / "new")],
-        "data_batch_1 not found": ["--dataset", "cifar10", "--data-dir", str(tmp_path),
-                                   "--out", str(tmp_path / "new")],
-        "the cifar10 dataset is not embedded: give --data-dir, a folder holding CIFAR-10's":
-            ["--dataset", "cifar10", "--out", str(tmp_path / "new")],
-        "the idx dataset is not embedded: give --data-dir, a folder holding train-images-idx3":
-            ["--dataset", "idx", "--out", str(tmp_path / "new")],
-        "--binarize is for binary datasets (mnist, idx-binary), not mnist256":
-            ["--dataset", "mnist256", "--binarize", "fixed", "--out", str(tmp_path / "new")],
-        "already holds a run": TINY + ["--out", str(run)],
-        "does not match the checkpoint": ["--out", str(run), "--resume", "--model", "rowlstm"],
-        "no checkpoint to resume": ["--out", str(tmp_path / "none"), "--resume"],
-        "--init-from starts a new run; leave it out to --resume one":
-            ["--out", str(run), "--resume", "--init-from", str(run / "best.npz")],
-        "--init-from keeps the model and the dataset of the checkpoint it starts from":
-            ["--init-from", str(run / "best.npz"), "--model", "rowlstm", "--out", str(tmp_path / "new")],
-        f"no checkpoint at {tmp_path / 'none.npz'}":
-            ["--init-from", str(tmp_path / "none.npz"), "--out", str(tmp_path / "new")],
-        "cannot write to --out": TINY + ["--out", str(not_a_dir / "run")],
-        "coordinator address 'nowhere': expected HOST:PORT":
-            TINY + ["--distributed", "--coordinator", "nowhere", "--out", str(tmp_path / "new")],
-    }
-    for expected, argv in cases.items():
-        assert expected in user_error(capsys, argv), argv
-    assert files == {path: path.read_bytes() for path in run.iterdir()}  # nothing overwritten
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expected", MISTAKES)
+def test_a_user_mistake_is_one_line_and_changes_nothing(expected, finished_run, tmp_path, capsys):
+    def place(text):
+        return (text.replace("RUN", str(finished_run)).replace("NEW", str(tmp_path / "new"))
+                .replace("TMP", str(tmp_path)))
+    files = {path: path.read_bytes() for path in finished_run.iterdir()}
+    assert place(expected) in user_error(capsys, [place(a) for a in MISTAKES[expected]])
+    assert files == {path: path.read_bytes() for path in finished_run.iterdir()}
     assert not (tmp_path / "new").exists()
 
+
+@pytest.mark.slow
+def test_a_damaged_or_pickled_checkpoint_is_one_line(finished_run, tmp_path, capsys):
+    run = finished_run
     checkpoint_path = run / "checkpoint.npz"
     arrays = dict(np.load(checkpoint_path, allow_pickle=False))
     for tree in ("params/", "ema/"):                                       # any one will do
@@ -1017,6 +1056,7 @@ def test_user_mistakes_exit_2_with_one_line(tiny_runs, tmp_path, capsys):
     assert "unsafe" not in line.lower() and "allow_pickle" not in line
 
 
+@pytest.mark.slow
 def test_rgb_data_without_hidden_sizes_says_the_sizes_used(tmp_path, compile_cache):
     """h = 16 and a head of 32 do not split into R, G, B thirds: the run uses 18 and 33, and says so."""
     write_cifar10(tmp_path / "cifar")
@@ -1029,18 +1069,18 @@ def test_rgb_data_without_hidden_sizes_says_the_sizes_used(tmp_path, compile_cac
     assert json.loads((tmp_path / "run" / "config.json").read_text())["settings"]["hidden"] == 18
 
 
+@pytest.mark.slow
 def test_the_cpu_is_split_into_one_device_per_usable_core_by_default():
-    assert [training.default_host_devices(cores) for cores in (1, 2, 3, 4, 6, 8, 12, 16)] == [
-        1, 2, 2, 4, 4, 8, 8, 16]
-    # A process allowed on one core (as under taskset -c 0) trains on one device.
+    """A process allowed on one core (as under taskset -c 0) trains on one device."""
     one_core = subprocess.run(
         [sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
                                "import training; print(training.HOST_DEVICES)"],
         cwd=ROOT, capture_output=True, text=True, check=True)
     assert one_core.stdout.strip() == "1"
-    assert training.HOST_DEVICES == training.default_host_devices(len(os.sched_getaffinity(0)))
+    assert training.HOST_DEVICES <= len(os.sched_getaffinity(0)) < 2 * training.HOST_DEVICES
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_devices_is_one_line_in_a_real_process(tmp_path, compile_cache):
     code, _, stderr = wait(start_train(TINY + ["--batch-size", "15", "--out", str(tmp_path)],
                                        compile_cache, devices=2))
@@ -1049,6 +1089,7 @@ def test_batch_not_divisible_by_the_devices_is_one_line_in_a_real_process(tmp_pa
     assert not (tmp_path / "checkpoint.npz").exists()
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_training_and_keeps_the_checkpoint(tiny_runs, tmp_path, compile_cache):
     """Parameters poisoned with a NaN make the first resumed step's loss NaN."""
     run = tmp_path / "run"
@@ -1068,7 +1109,6 @@ def test_a_nan_loss_stops_training_and_keeps_the_checkpoint(tiny_runs, tmp_path,
 
 # ---- the fast sampler and sample.py ----
 
-import sample  # noqa: E402  (the sampling script, imported for its grid layout)
 
 
 def with_random_biases(params, key):
@@ -1191,22 +1231,21 @@ def run_sample(args, cwd, script=ROOT / "sample.py"):
     return result.returncode, result.stdout, result.stderr
 
 
-def test_sample_py_writes_an_enlarged_grid_from_the_newest_trained_run(sampling_dir):
-    """The newest best.npz wins over a newer run that never validated (no best.npz); the
-    8 x 8 grid of MNIST digits is drawn large enough to see (>= 700 px wide)."""
-    side_run = sampling_dir / "runs" / "side"
-    side_run.mkdir(exist_ok=True)
-    shutil.copy(sampling_dir / "runs" / "tiny" / "checkpoint.npz", side_run / "checkpoint.npz")
-    code, stdout, stderr = run_sample(["--out", "grid.png"], sampling_dir)
+@pytest.mark.slow
+def test_sample_py_writes_an_enlarged_grid_from_a_trained_run(sampling_dir):
+    """The 8 x 8 grid of MNIST digits is drawn large enough to see (>= 700 px wide)."""
+    code, stdout, stderr = run_sample(["--checkpoint", "runs/tiny/best.npz", "--out", "grid.png"],
+                                      sampling_dir)
     assert code == 0, stderr
     grid = read_png(sampling_dir / "grid.png")
     assert grid.shape == ((8 * 29 + 1) * 4,) * 2 and grid.shape[1] >= 700
     assert set(np.unique(grid)) == {0, data.GRID_PAD_VALUE, 255}
     np.testing.assert_array_equal(grid[::4, ::4], grid[3::4, 3::4])        # 4 x 4 blocks
     assert f"from {pathlib.Path('runs', 'tiny', 'best.npz')} " in stdout and "compiling took" in stdout
-    assert "--checkpoint PATH picks another model" in stdout
+    assert "compiling took" in stdout
 
 
+@pytest.mark.slow
 def test_sample_py_complete_draws_figure_1_from_test_images(sampling_dir):
     code, _, stderr = run_sample(["--checkpoint", "runs/tiny/checkpoint.npz", "--complete",
                                   "--images", "2", "--completions", "3", "--out", "fig1.png",
@@ -1227,34 +1266,16 @@ def test_sample_py_complete_draws_figure_1_from_test_images(sampling_dir):
     assert read_png(sampling_dir / "big.png").shape == (4 * (2 * 29 + 1), 4 * (5 * 29 + 1))
 
 
-def test_sample_py_takes_the_newest_run_of_a_model_else_its_shipped_weights(tmp_path):
-    """Without --checkpoint: the newest best.npz under runs/ (of --model if given), else
-    weights/<model>-mnist.npz, by default the shipped model with the paper's best NLL."""
-    runs, weights = tmp_path / "runs", tmp_path / "weights"
-    runs.mkdir()
-    weights.mkdir()
-
-    def save(path, model, age):
-        path.parent.mkdir(exist_ok=True)
-        checkpoint.write(path, {}, {}, pixelrnn.Config(model=model), checkpoint.Progress(), {})
-        os.utime(path, (time.time() - age,) * 2)
-        return path
-
-    def choose(model=None):
-        return sample.choose_checkpoint(model, runs, weights)
-
-    pixelcnn, rowlstm = (save(weights / f"{m}-mnist.npz", m, 0) for m in ("pixelcnn", "rowlstm"))
-    assert (choose(), choose("pixelcnn")) == (rowlstm, pixelcnn)
-    with pytest.raises(checkpoint.UserError, match="no shipped weights/diagbilstm-mnist.npz"):
-        choose("diagbilstm")
-    diagbilstm = save(weights / "diagbilstm-mnist.npz", "diagbilstm", 0)
-    assert choose() == diagbilstm
-    older = save(runs / "older" / "best.npz", "pixelcnn", 60)
-    newer = save(runs / "newer" / "best.npz", "rowlstm", 30)
-    assert (choose(), choose("pixelcnn"), choose("diagbilstm")) == (newer, older, diagbilstm)
-    assert sample.default_out(newer, "rowlstm", "samples", 3, weights) == runs / "newer" / "samples_seed3.png"
-    assert sample.default_out(rowlstm, "rowlstm", "samples", 3, weights) == pathlib.Path(
-        "rowlstm-samples_seed3.png")
+def test_sample_py_takes_a_models_shipped_weights_by_default_the_papers_best(tmp_path):
+    for model in ("pixelcnn", "rowlstm"):
+        (tmp_path / f"{model}-mnist.npz").write_bytes(b"")
+    assert sample.shipped_checkpoint(None, tmp_path) == tmp_path / "rowlstm-mnist.npz"
+    assert sample.shipped_checkpoint("pixelcnn", tmp_path) == tmp_path / "pixelcnn-mnist.npz"
+    with pytest.raises(training.UserError, match="diagbilstm-mnist.npz: train one first"):
+        sample.shipped_checkpoint("diagbilstm", tmp_path)
+    shipped, run = sample.WEIGHTS / "rowlstm-mnist.npz", tmp_path / "runs" / "x" / "best.npz"
+    assert sample.default_out(shipped, "samples", 3) == pathlib.Path("rowlstm-samples_seed3.png")
+    assert sample.default_out(run, "samples", 3) == run.parent / "samples_seed3.png"
 
 
 def sample_py_error(args, cwd):
@@ -1265,16 +1286,29 @@ def sample_py_error(args, cwd):
     return line
 
 
-def test_sample_py_without_a_run_or_shipped_weights_says_how_to_train_one(tmp_path):
-    for script in ROOT.glob("*.py"):                   # the code alone: no runs/, no weights/
+@pytest.mark.slow
+def test_sample_py_without_shipped_weights_says_how_to_train_one(tmp_path):
+    for script in ROOT.glob("*.py"):                   # the code alone: no weights/
         shutil.copy(script, tmp_path)
     code, _, stderr = run_sample(["--model", "diagbilstm"], tmp_path, tmp_path / "sample.py")
     assert code == 2 and stderr == (
-        "sample.py: error: no trained diagbilstm run under runs/ (no best.npz) and no shipped "
-        "weights/diagbilstm-mnist.npz: train one first, e.g. `python train.py --model diagbilstm`, "
-        "or pass --checkpoint PATH\n")
+        f"sample.py: error: no {tmp_path / 'weights' / 'diagbilstm-mnist.npz'}: train one first, "
+        f"e.g. `python train.py --model diagbilstm`, and pass --checkpoint PATH\n")
 
 
+@pytest.mark.slow
+def test_sample_py_never_replaces_its_checkpoint_or_a_file_that_is_not_a_png(tmp_path):
+    shutil.copy(sample.WEIGHTS / "pixelcnn-mnist.npz", tmp_path / "w.npz")
+    (tmp_path / "notes.txt").write_text("keep me")
+    for out in ("w.npz", "notes.txt"):
+        line = sample_py_error(["--checkpoint", "w.npz", "--out", out], tmp_path)
+        assert line == f"sample.py: error: --out {out} would replace a file that is not a PNG image"
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert training.load_params(tmp_path / "w.npz")[0].model == "pixelcnn"
+    assert "no folder" in sample_py_error(["--out", "nowhere/grid.png"], tmp_path)
+
+
+@pytest.mark.slow
 def test_sample_py_takes_a_model_or_a_checkpoint_not_both(tmp_path):
     assert sample_py_error(["--model", "pixelcnn", "--checkpoint", "x.npz"], tmp_path).endswith(
         "argument --checkpoint: not allowed with argument --model")
@@ -1282,15 +1316,18 @@ def test_sample_py_takes_a_model_or_a_checkpoint_not_both(tmp_path):
         "argument --model: not allowed with argument --checkpoint")
 
 
+@pytest.mark.slow
 def test_sample_py_rejects_a_corrupt_checkpoint_in_one_line(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip file")
     assert "bad.npz is not a checkpoint: not an .npz archive" in sample_py_error(
         ["--checkpoint", "bad.npz"], tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--num", "--images", "--completions", "--scale"])
 def test_sample_py_flag_mistakes_are_one_line(tmp_path, flag):
-    assert sample_py_error([flag, "0"], tmp_path) == f"sample.py: error: argument {flag}: 0 must be >= 1"
+    assert sample_py_error([flag, "0"], tmp_path) == (
+        f"sample.py: error: argument {flag}: invalid int >= 1 value: '0'")
 
 
 def test_sample_py_imports_no_other_script():
@@ -1333,6 +1370,7 @@ def test_weights_are_shipped_and_each_has_its_readme_row():
 SHIPPED_CHECK_STRIDE = 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
 def test_shipped_weights_are_small_safe_and_score_the_readme_figure(path):
     """A shipped file holds the averaged parameters, the config and the training record
@@ -1342,18 +1380,18 @@ def test_shipped_weights_are_small_safe_and_score_the_readme_figure(path):
     assert path.stat().st_size < 1_000_000
     with np.load(path, allow_pickle=False) as f:
         assert all(name == "meta" or name.startswith("params/") for name in f.files)
-    saved = checkpoint.read(path)
-    assert saved.progress.tested
-    recorded = saved.progress.metrics[-1]["test_nll"]
+    cfg, params, meta = training.load_params(path)
+    assert meta["progress"]["tested"]
+    recorded = meta["progress"]["metrics"][-1]["test_nll"]
     assert abs(recorded - readme_test_nll(path)) < 0.01, (recorded, readme_test_nll(path))
-    cfg, params, settings = checkpoint.load_params(path)
-    test = data.load_dataset(settings["dataset"], None, settings["binarize"]).test
+    test = data.load_dataset(meta["settings"]["dataset"], None, meta["settings"]["binarize"]).test
     batch = train.EVAL_BATCH_SIZE
     nll, se = training.make_evaluate(cfg, training.make_mesh(batch, batch), batch)(
         params, test[::SHIPPED_CHECK_STRIDE])
     assert abs(nll - recorded) < 1.0, (nll, se, recorded)
 
 
+@pytest.mark.slow
 def test_sample_py_on_a_fresh_clone_draws_digits_from_the_shipped_weights(tmp_path):
     """No runs/ here, as on a fresh clone: sample.py takes the shipped model with the
     paper's best NLL, says so, and draws digits (MNIST's ink is 10-20 % of pixels,
@@ -1362,12 +1400,13 @@ def test_sample_py_on_a_fresh_clone_draws_digits_from_the_shipped_weights(tmp_pa
     assert code == 0, stderr
     shipped = sample.shipped_checkpoint()
     assert f"from {shipped}" in stdout
-    model = checkpoint.read(shipped).cfg.model
+    model = training.load_params(shipped)[0].model
     grid = read_png(tmp_path / f"{model}-samples_seed0.png")
     ink = (grid[::data.GRID_SCALE, ::data.GRID_SCALE] == 255).sum() / (16 * 28 * 28)
     assert 0.05 < ink < 0.3, ink
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
 def test_sample_py_completes_test_images_with_each_shipped_model(tmp_path, path):
     """``--model M --complete`` on a fresh clone uses weights/M-mnist.npz, says so, and
@@ -1407,6 +1446,7 @@ print(sorted(per_step)[2])    # the median step: a heap still growing faults in 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_stops_xla_scratch_buffers_page_faulting_every_step(compile_cache):
     def faults(mode):
@@ -1443,61 +1483,38 @@ def conv_values_and_gradients(conv, params, x):
     return jax.jit(values_and_gradients)(params, x)
 
 
-@pytest.mark.parametrize("kh, kw, f_in, f_out, channels, mask_type, padding, blocks", CONV_CASES)
-def test_im2col_fast_path_equals_the_lax_convolution(monkeypatch, kh, kw, f_in, f_out, channels,
-                                                     mask_type, padding, blocks):
-    """layers.masked_conv as defined (lax.conv_general_dilated of the masked kernel) and as its
-    im2col fast path: the same values and the same gradients."""
+@pytest.mark.parametrize("kh, kw, f_in, f_out, channels, mask_type, padding, blocks",
+                         CONV_CASES + [(1, 3, 4, 16, 1, None, "VALID", 1), (2, 1, 4, 16, 1, None, "VALID", 1)])
+def test_im2col_equals_the_lax_convolution(monkeypatch, kh, kw, f_in, f_out, channels, mask_type,
+                                           padding, blocks):
+    """layers.conv as defined (lax.conv_general_dilated of the masked kernel, or unmasked as
+    the state-to-state convolutions are) and as im2col: the same values and gradients."""
     params = layers.init_conv(jax.random.PRNGKey(0), kh, kw, f_in, f_out)
     params["b"] = normal(1, (f_out,))
     x = normal(2, (2, 8, 9, f_in))
-
-    def conv(params, x):
-        return layers.masked_conv(params, x, channels, mask_type, padding, blocks)
-
-    results = {}
-    for fast in (False, True):
-        monkeypatch.setattr(layers, "im2col_is_faster", lambda: fast)
-        results[fast] = conv_values_and_gradients(conv, params, x)
+    mask = mask_type and layers.conv_mask((kh, kw, f_in, f_out), channels, mask_type, blocks)
     calls = []
     monkeypatch.setattr(jax.lax, "conv_general_dilated",
                         lambda *a, **k: calls.append(1) or lax_conv(*a, **k))
-    monkeypatch.setattr(layers, "im2col_is_faster", lambda: False)
-    conv(params, x)
-    assert calls, "the definition must run through lax.conv_general_dilated"
-    for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    results = []
+    for conv, runs_lax in ((layers.im2col_conv, False), (layers.DEFINITIONS["conv"], True)):
+        results.append(conv_values_and_gradients(lambda p, x: conv(p, x, padding, mask), params, x))
+        assert bool(calls) == runs_lax, "only the definition runs lax.conv_general_dilated"
+    for got, want in zip(*map(jax.tree.leaves, results)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kh, kw", [(1, 3), (2, 1)])
-def test_unmasked_im2col_equals_the_lax_convolution(kh, kw):
-    """The state-to-state convolutions, which run as im2col everywhere."""
-    params = layers.init_conv(jax.random.PRNGKey(0), kh, kw, 4, 16)
-    x = normal(2, (2, 3, 5, 4))
-
-    def plain(params, x):
-        return lax_conv(x, params["w"], (1, 1), "VALID",
-                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["b"]
-
-    fast = functools.partial(layers.im2col_conv, padding="VALID")
-    for got, want in zip(jax.tree.leaves(conv_values_and_gradients(fast, params, x)),
-                         jax.tree.leaves(conv_values_and_gradients(plain, params, x))):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
-SCANS = {   # layer: (plain scan, fast scan, state-to-state parameters, gates (T, ..., 4h))
-    "row": (layers.row_lstm_scan, layers.row_lstm_scan_fast,
-            layers.init_conv(jax.random.PRNGKey(0), 1, 3, 4, 16), (6, 3, 5, 16)),
-    "diagonal": (layers.diagonal_lstm_scan, layers.diagonal_lstm_scan_fast,
-                 normal(0, (2, 2, 1, 4, 16)), (9, 2, 3, 5, 16)),
+SCANS = {   # layer: (state-to-state parameters, gates (T, ..., 4h))
+    "row_lstm_scan": (layers.init_conv(jax.random.PRNGKey(0), 1, 3, 4, 16), (6, 3, 5, 16)),
+    "diagonal_lstm_scan": (normal(0, (2, 2, 1, 4, 16)), (9, 2, 3, 5, 16)),
 }
 
 
-@pytest.mark.parametrize("layer", SCANS)
-def test_the_fast_scans_have_the_plain_scans_values_and_gradients(layer):
+@pytest.mark.parametrize("name", SCANS)
+def test_the_fast_scans_have_the_plain_scans_values_and_gradients(name):
     """The recurrences with their state-to-state gradient computed after the backward
     scan equal the plain ``lax.scan`` left to autodiff: values and both gradients."""
-    plain, fast, params, gates_shape = SCANS[layer]
+    params, gates_shape = SCANS[name]
     gates = normal(1, gates_shape)
     weights = normal(2, gates_shape[:-1] + (4,))
 
@@ -1506,17 +1523,33 @@ def test_the_fast_scans_have_the_plain_scans_values_and_gradients(layer):
             return jnp.sum(jnp.sin(scan(params, gates)) * weights)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, gates)
 
-    for got, want in zip(jax.tree.leaves(values_and_gradients(fast)),
-                         jax.tree.leaves(values_and_gradients(plain))):
+    for got, want in zip(jax.tree.leaves(values_and_gradients(layers.SPEED_PATHS[name])),
+                         jax.tree.leaves(values_and_gradients(layers.DEFINITIONS[name]))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_im2col_runs_on_the_cpu_only():
-    assert layers.im2col_is_faster() == (jax.default_backend() == "cpu")
+@pytest.mark.parametrize("model", pixelrnn.MODELS)
+def test_every_model_with_the_speed_paths_equals_its_definition(monkeypatch, model):
+    """The whole model, logits and parameter gradients, with the speed paths swapped in
+    at the end of layers.py and with the definitions as written."""
+    cfg = small_config(model)
+    params = with_random_biases(pixelrnn.init(jax.random.PRNGKey(0), cfg), jax.random.PRNGKey(1))
+    images = (normal(2, (2, cfg.height, cfg.width, 1)) > 0).astype(np.int32)
+
+    def logits_and_gradients():
+        return jax.jit(lambda p: (pixelrnn.logits(p, cfg, images),
+                                  jax.grad(lambda p: pixelrnn.log_prob(p, cfg, images).sum())(p)))(params)
+
+    fast = logits_and_gradients()
+    for name, definition in layers.DEFINITIONS.items():
+        monkeypatch.setattr(layers, name, definition)
+    for got, want in zip(jax.tree.leaves(fast), jax.tree.leaves(logits_and_gradients())):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bench_counts_the_kernel_taps_the_masks_leave():
-    assert [bench.taps(7, 7, "A"), bench.taps(3, 3, "B"), bench.taps(1, 3, "B"), bench.taps(1, 1)] == [24, 5, 2, 1]
+    assert [bench.taps(7, 7, "A"), bench.taps(3, 3, "B"), bench.taps(1, 3, "B"),
+            bench.taps(1, 1)] == [24, 5, 2, 1]
 
 
 def test_bench_flop_count_agrees_with_xla_for_pixelcnn():
@@ -1531,84 +1564,21 @@ def test_bench_flop_count_agrees_with_xla_for_pixelcnn():
     assert bench.forward_flops(cfg) <= cost["flops"] <= 1.2 * bench.forward_flops(cfg)
 
 
-def test_bench_medians_over_processes_keep_settings_and_report_the_range():
-    def row(speed, compile_s):
-        return {"model": "rowlstm", "layers": 7, "devices": 2, "train_images_per_s": speed,
-                "train_compile_s": compile_s}
-    runs = [[row(150.0, 7.0)], [row(118.5, 9.0)], [row(184.0, 8.0)]]
-    (median,) = bench.median_rows(runs)
-    assert median == {"model": "rowlstm", "layers": 7, "devices": 2, "train_images_per_s": 150.0,
-                      "train_compile_s": 8.0, "train_images_per_s_range": [118.5, 184.0],
-                      "processes": 3}
-
-
-def test_bench_profile_splits_a_step_into_op_kinds_and_counts_scan_bodies_apart():
-    """A traced step of a scan over matrix products: the kinds come largest first, their
-    shares add up to 1, and the ops inside the loop are listed as "(in a scan)", not as
-    one opaque loop."""
-    w = jnp.eye(256) * 0.5
-
-    @jax.jit
-    def step(x):
-        return jnp.tanh(jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x @ w, None, length=20)[0])
-
-    x = jnp.ones((256, 256))
-    step(x).block_until_ready()
-    op_times = bench.profile_steps(lambda: step(x).block_until_ready(), steps=3)
-    kinds = [kind for kind, _, _ in op_times]
-    times = [ms for _, ms, _ in op_times]
-    assert times == sorted(times, reverse=True) and min(times) > 0
-    assert sum(share for *_, share in op_times) == pytest.approx(1, abs=0.01)
-    assert any(kind.endswith("(in a scan)") for kind in kinds)
-    assert not any(kind.startswith("while") for kind in kinds)
-    assert any(not kind.endswith("(in a scan)") for kind in kinds)
-
-
-def test_bench_warms_up_until_steps_stop_faulting_in_fresh_memory(monkeypatch):
-    """The timed steps start once the heap has stopped growing: a step that touches fresh
-    memory (here 16 MB, kept) restarts the count of quiet steps."""
-    kept = []
-
-    def step_growing_for(steps):
-        def step():
-            if len(kept) < steps:
-                fresh = mmap.mmap(-1, 16 << 20)
-                fresh.madvise(mmap.MADV_NOHUGEPAGE)        # faulted in page by page, as the heap grows
-                for offset in range(0, len(fresh), resource.getpagesize()):
-                    fresh[offset] = 1
-                kept.append(fresh)
-        return step
-
-    assert bench.warm_up(step_growing_for(4)) == 4 + bench.QUIET_STEPS
-    kept.clear()
-    assert bench.warm_up(step_growing_for(0)) == max(bench.QUIET_STEPS, bench.MIN_WARM_UP_STEPS)
-    monkeypatch.setattr(bench, "MAX_WARM_UP_STEPS", 6)
-    assert bench.warm_up(step_growing_for(1000)) == 6          # a heap that never settles: capped
-    kept.clear()
-
-
-def test_bench_runs_in_fresh_processes_and_rejects_bad_flags(compile_cache):
+@pytest.mark.slow
+def test_bench_py_times_each_model_and_rejects_bad_flags(compile_cache):
     bench_py = [sys.executable, str(pathlib.Path(bench.__file__))]
-    # The second child process loads the first one's compiled programs from the cache.
-    out = subprocess.run(bench_py + ["--models", "pixelcnn", "--batch-size", "2", "--host-devices", "1",
-                                     "--no-sampling", "--processes", "2", "--json"],
-                         capture_output=True, text=True, check=True,
+    out = subprocess.run(bench_py + ["--models", "pixelcnn", "--batch-size", "2", "--host-devices",
+                                     "1", "--json"], capture_output=True, text=True, check=True,
                          env=sharing_compile_cache(compile_cache)).stdout
     machine, row = [json.loads(line) for line in out.splitlines()]
-    assert machine["matmul_gflops"] > 0 and row["processes"] == 2
-    low, high = row["train_images_per_s_range"]
-    assert 0 < low <= row["train_images_per_s"] <= high
-    assert "sample_64_fast_s" not in row
-    bad = subprocess.run(bench_py + ["--processes", "0"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--processes: 0 must be >= 1" in bad.stderr
-    both = subprocess.run(bench_py + ["--profile", "--processes", "2"], capture_output=True, text=True)
-    assert both.returncode == 2 and both.stderr.strip() == (
-        "bench.py: error: --profile traces one process: leave out --processes")
+    assert machine["matmul_gflops"] > 0 and row["model"] == "pixelcnn" and row["devices"] == 1
+    assert row["train_images_per_s"] == pytest.approx(2000 / row["train_step_ms"], rel=0.01)
+    assert 0 < row["fraction_of_matmul_peak"] < 1
+    assert 0 < row["sample_64_fast_s"] < row["sample_64_reference_s"]
     unknown = subprocess.run(bench_py + ["--models", "foo"], capture_output=True, text=True)
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
-    assert unknown.stderr.startswith("bench.py: error: argument --models: invalid choice: 'foo'")
-    # A mistake that only a child process finds reaches the user as the child's one line.
-    odd = subprocess.run(bench_py + ["--batch-size", "3", "--host-devices", "2", "--processes", "2"],
+    assert "argument --models: invalid choice: 'foo'" in unknown.stderr
+    odd = subprocess.run(bench_py + ["--batch-size", "3", "--host-devices", "2"],
                          capture_output=True, text=True)
-    assert odd.returncode == 2 and "Traceback" not in odd.stderr, odd.stderr
-    assert odd.stderr.splitlines()[-1] == "bench.py: error: --batch-size 3 is not divisible by the 2 devices (cpu)"
+    assert odd.returncode == 2 and odd.stderr == (
+        "bench.py: error: --batch-size 3 is not divisible by the 2 devices (cpu)\n")

@@ -2,37 +2,27 @@
 
     python train.py --model pixelcnn --max-steps 50     # a one-minute smoke run
     python train.py --model rowlstm                     # binarized MNIST -> runs/rowlstm-mnist/
-    python train.py --model pixelcnn --dataset mnist256 --epochs 5
     python train.py --out runs/rowlstm-mnist --resume   # continue exactly where it stopped
-    python train.py --init-from runs/rowlstm-mnist/best.npz --batch-size 64 --out runs/b64
-                                                        # a new run from those parameters
-    python train.py --dataset cifar10 --data-dir ~/cifar-10-batches-py
+    python train.py --init-from runs/rowlstm-mnist/best.npz --lr 3e-4 --out runs/more
+    python train.py --evaluate weights/rowlstm-mnist.npz --test-seed 1
 
 The run folder (``--out``, default ``runs/<model>-<dataset>``) holds
+``config.json`` (the model, the settings, the target), ``checkpoint.npz``
+(the whole state: parameters, their moving average, optimizer state, RNG
+key, data position and record), ``best.npz`` (the averaged parameters of the
+best validation, with the run's record: what weights/ ships),
+``metrics.jsonl`` (one line per validation and one with the test NLL),
+``curve.svg`` and ``samples.png``. Every file is replaced atomically.
 
-    config.json     the model config, the training settings and the target
-    checkpoint.npz  the latest state: parameters, their moving average, optimizer
-                    state, step, RNG key, data position, target and metrics
-                    (see checkpoint.py)
-    best.npz        the averaged parameters of the best validation NLL; once the
-                    run is tested, with its whole record (what weights/ ships)
-    metrics.jsonl   one JSON line per validation, and one with the test NLL (after
-                    --init-from, the validation lines of the run started from come first)
-    curve.svg       validation NLL and training loss against images seen
-    samples.png     a grid of samples from the best averaged parameters
-
-Every file is replaced atomically. Ctrl-C saves a checkpoint and exits; with
-``--resume`` training continues as if it had never stopped, to the run's own
-``--epochs`` / ``--max-steps`` unless new ones are given; ``--init-from``
-instead starts a new run (another batch size, learning rate or schedule)
-from a checkpoint's averaged parameters, and carries its record on. Each
-batch is split over all devices (every GPU of a node, or ``--host-devices``
-CPU devices), parameters are replicated; ``--distributed`` joins a
-multi-process job.
+Ctrl-C (or SIGTERM) finishes the step, saves and exits; ``--resume``
+continues bit for bit, to the run's own target unless a new one is given.
+``--init-from`` starts a new run (another batch size, learning rate or plan)
+from a checkpoint's averaged parameters and carries its record on. Each
+batch is split over every device (the GPUs of a node, or ``--host-devices``
+CPU devices); ``--distributed`` joins a multi-process job.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -42,669 +32,557 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-import checkpoint
 import data
 import pixelrnn
 import training
-from checkpoint import Progress, UserError
+from training import UserError
 
-# ---- defaults of this script: edit them here or override them on the command line ----
-# (The model's sizes default in pixelrnn.Config, the run's settings in training.DEFAULTS.)
+# ---- defaults: edit them here or override them on the command line ----
+SIZES = {"rowlstm": dict(layers=7, hidden=16), "diagbilstm": dict(layers=7, hidden=16),
+         "pixelcnn": dict(layers=15, hidden=16)}  # the paper gives MNIST sizes for diagbilstm only
+OUT_HIDDEN = 32
+RECIPE = dict(dataset="mnist", batch_size=16, optimizer="adam", lr=1e-3, schedule="cosine",
+              warmup=200, lr_floor=0.05, clip=1.0, ema=0.9995, seed=0, binarize="fresh",
+              train_subset=0, eval_subset=0, skip=True, residual=True)    # RESULTS.md's sweep
 EPOCHS = 10
 EVAL_BATCH_SIZE = 256
-NUM_SAMPLES = 16       # samples in samples.png
-SAVE_EVERY = 500       # steps between checkpoints inside an epoch; 0: at epoch ends only
-LOSS_WINDOW = 50       # the training loss shown is the mean over this many recent steps
+NUM_SAMPLES = 16       # images in samples.png
+SAVE_EVERY = 500       # steps between checkpoints inside an epoch
+LOSS_WINDOW = 50       # the training loss shown is the mean of this many recent steps
+PAPER_MNIST_NLL = {"rowlstm": 80.54, "diagbilstm": 79.20, "pixelcnn": 81.30}   # Table 4, nats
+EXIT_DIVERGED = 1
 
-EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 130
-# Test NLL in nats of the paper's MNIST models (Table 4), drawn in curve.svg.
-PAPER_MNIST_NLL = {"rowlstm": 80.54, "diagbilstm": 79.20, "pixelcnn": 81.30}
-PROGRAM = "train.py"
-
-# The settings that define a run. They are saved with it; on --resume the
-# ones not given come from the checkpoint and the ones given must match it.
+# The settings that define a run, saved with it: on --resume those given must match.
 MODEL_SETTINGS = ("model", "layers", "hidden", "out_hidden", "skip", "residual")
-RUN_SETTINGS = MODEL_SETTINGS + tuple(training.DEFAULTS)
+SETTINGS = MODEL_SETTINGS + tuple(name for name in RECIPE if name not in MODEL_SETTINGS)
+
+
+# usage=SUPPRESS: a mistake is one line, "train.py: error: ...", and exit code 2.
+parser = argparse.ArgumentParser(prog="train.py", usage=argparse.SUPPRESS,
+                                 description="Train a Row LSTM, Diagonal BiLSTM or PixelCNN.")
+arg = parser.add_argument
+arg("--model", choices=pixelrnn.MODELS, help="default rowlstm")
+arg("--dataset", choices=data.DATASETS, help=f"default {RECIPE['dataset']}")
+arg("--data-dir", help="the dataset's folder (mnist, mnist256: the embedded data/)")
+arg("--layers", type=training.number(int, 1), help="hidden layers (default: SIZES in train.py)")
+arg("--hidden", type=training.number(int, 1), help="hidden size h (default 16; 18 for RGB)")
+arg("--out-hidden", type=training.number(int, 1), help=f"head width (default {OUT_HIDDEN}; 33 for RGB)")
+arg("--skip", action=argparse.BooleanOptionalAction, help="skip connections (default on)")
+arg("--residual", action=argparse.BooleanOptionalAction, help="residual connections (default on)")
+arg("--batch-size", type=training.number(int, 1), help=f"global batch (default {RECIPE['batch_size']})")
+arg("--optimizer", choices=("adam", "rmsprop"), help=f"default {RECIPE['optimizer']}")
+arg("--lr", type=training.number(float, 0, strict=True), help=f"peak learning rate (default {RECIPE['lr']})")
+arg("--schedule", choices=("cosine", "exponential", "constant"),
+    help="after the warm-up, decay to lr * --lr-floor at the end of --epochs (a new --epochs "
+         "on --resume moves the rate onto the new curve at once); default cosine")
+arg("--warmup", type=training.number(int, 0), help=f"linear warm-up steps (default {RECIPE['warmup']})")
+arg("--lr-floor", type=training.number(float, 0), help=f"final lr / lr (default {RECIPE['lr_floor']})")
+arg("--ema", type=training.number(float, 0), help="decay of the parameters' moving average used to "
+                                         f"validate, test and sample; 0: none ({RECIPE['ema']})")
+arg("--clip", type=training.number(float, 0), help=f"gradient-norm clip, 0: none ({RECIPE['clip']})")
+arg("--seed", type=training.number(int, 0), help=f"default {RECIPE['seed']}")
+arg("--binarize", choices=("fresh", "fixed"), help="binary data: a new binarization of every "
+                                                   "training batch, or one fixed (default fresh)")
+arg("--train-subset", type=training.number(int, 0), help="train on the first N images only (0: all)")
+arg("--eval-subset", type=training.number(int, 0), help="validate and test on the first N images only")
+arg("--epochs", type=training.number(int, 1), help=f"default {EPOCHS}; on --resume the run's own")
+arg("--max-steps", type=training.number(int, 0), help="stop after N steps in all (0: no limit); the "
+                                             "schedule still plans for --epochs")
+arg("--eval-batch-size", type=training.number(int, 1), default=EVAL_BATCH_SIZE)
+arg("--num-samples", type=training.number(int, 0), default=NUM_SAMPLES, help="images in samples.png")
+arg("--save-every", type=training.number(int, 1), default=SAVE_EVERY, help="steps between checkpoints")
+arg("--out", help="run folder (default runs/<model>-<dataset>)")
+arg("--resume", action="store_true", help="continue the run in --out")
+arg("--init-from", type=pathlib.Path, metavar="CKPT",
+    help="a new run from CKPT's averaged parameters, model, dataset and (unless given) settings")
+arg("--evaluate", type=pathlib.Path, metavar="CKPT",
+    help="train nothing: CKPT's validation and test NLL with standard errors")
+arg("--test-seed", type=training.number(int, 0), help="--evaluate: binarize the test set with this seed")
+arg("--host-devices", type=training.number(int, 1), default=training.HOST_DEVICES,
+    help=f"CPU only: devices to split each batch over (default {training.HOST_DEVICES})")
+arg("--distributed", action="store_true", help="join a multi-process job (several hosts)")
+arg("--coordinator", help="--distributed: HOST:PORT of process 0 (else JAX_COORDINATOR_ADDRESS, "
+                          "SLURM or Open MPI)")
+arg("--num-processes", type=training.number(int, 1), help="--distributed: processes in the job")
+arg("--process-id", type=training.number(int, 0), help="--distributed: this process's id, 0 to N-1")
+arg("--coordinator-timeout", type=training.number(int, 1), default=300, help="seconds (default 300)")
 
 
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint, so a resumed run continues exactly."""
+    step: int = 0              # optimizer steps taken
+    epoch: int = 0             # the epoch being trained (0-based)
+    index: int = 0             # batches of that epoch already trained on
+    recent_losses: list = dataclasses.field(default_factory=list)   # nats/image
+    train_seconds: float = 0.0  # time in training steps (not compiling, not validating)
+    best_valid: float = None   # best validation NLL (nats/image) and its step
+    best_step: int = None
+    tested: bool = False       # the run reached its target and was scored on the test set
+    metrics: list = dataclasses.field(default_factory=list)         # metrics.jsonl's lines
+    images_before: int = 0     # images the starting parameters had seen (--init-from)
 
 
-def parse_args(argv=None):
-    """The command line -> ``argparse.Namespace``. Run settings left out are None."""
-    p = checkpoint.OneLineParser(
-        prog=PROGRAM, description="Train a PixelRNN model (Row LSTM, Diagonal BiLSTM, PixelCNN).")
-    add, number, d = p.add_argument, checkpoint.number, training.DEFAULTS
-    add("--model", choices=pixelrnn.MODELS, help=f"default {pixelrnn.Config.model}")
-    add("--dataset", choices=data.DATASETS, help=f"default {d['dataset']}")
-    add("--data-dir", help="folder with the dataset's files (mnist, mnist256: default the "
-                           "embedded data/; cifar10, idx, idx-binary: required)")
-    add("--layers", type=number(int, 1), help="hidden layers (default: the paper's, 7 for the "
-                                              "LSTMs, 15 for pixelcnn)")
-    add("--hidden", type=number(int, 1), help=f"hidden size h (default {pixelrnn.HIDDEN}, "
-                                              f"rounded up to a multiple of 3 for RGB)")
-    add("--out-hidden", type=number(int, 1), help=f"output head width (default {pixelrnn.OUT_HIDDEN})")
-    add("--skip", action=argparse.BooleanOptionalAction, help="skip connections (default on)")
-    add("--residual", action=argparse.BooleanOptionalAction, help="residual connections (default on)")
-    add("--batch-size", type=number(int, 1), help=f"global batch (default {d['batch_size']})")
-    add("--optimizer", choices=("adam", "rmsprop"), help=f"default {d['optimizer']}")
-    add("--lr", type=number(float, 0, strict=True), help=f"peak learning rate (default {d['lr']})")
-    add("--schedule", choices=training.SCHEDULES,
-        help=f"after the warm-up, decay the learning rate to lr * --lr-floor by the end of "
-             f"--epochs (a new --epochs on --resume stretches or shrinks the whole curve, so the "
-             f"rate jumps to the new curve's value at the current step); default {d['schedule']}")
-    add("--warmup", type=number(int, 0), help=f"steps of linear warm-up (default {d['warmup']})")
-    add("--lr-floor", type=number(float, 0),
-        help=f"the final learning rate as a fraction of --lr (default {d['lr_floor']})")
-    add("--ema", type=number(float, 0),
-        help=f"decay of the parameters' moving average that validation, test, best.npz and "
-             f"samples use; 0: no averaging (default {d['ema']})")
-    add("--clip", type=number(float, 0), help=f"gradient-norm clip, 0 for none (default {d['clip']})")
-    add("--seed", type=number(int, 0), help=f"default {d['seed']}")
-    add("--binarize", choices=("fresh", "fixed"),
-        help=f"binary datasets only: a new binarization of every training batch, or one fixed "
-             f"one (default {d['binarize']})")
-    add("--train-subset", type=number(int, 0), help="train on the first N images only (0: all)")
-    add("--eval-subset", type=number(int, 0), help="validate and test on the first N images only")
-    add("--epochs", type=number(int, 1),
-        help=f"train until this many epochs (default {EPOCHS}; on --resume: the run's own)")
-    add("--max-steps", type=number(int, 0),
-        help="stop after N steps in all, 0: no limit; the schedule still plans for --epochs "
-             "(default 0; on --resume: the run's own)")
-    add("--eval-batch-size", type=number(int, 1), default=EVAL_BATCH_SIZE,
-        help=f"default {EVAL_BATCH_SIZE}")
-    add("--num-samples", type=number(int, 0), default=NUM_SAMPLES,
-        help=f"images in samples.png, 0 for none (default {NUM_SAMPLES})")
-    add("--save-every", type=number(int, 0), default=SAVE_EVERY,
-        help=f"steps between checkpoints inside an epoch, 0: epoch ends only (default {SAVE_EVERY})")
-    add("--out", help="run folder (default runs/<model>-<dataset>)")
-    add("--resume", action="store_true", help="continue the run in --out")
-    add("--init-from", type=pathlib.Path, metavar="CHECKPOINT",
-        help="start a new run from CHECKPOINT's averaged parameters (e.g. to go on with another "
-             "--batch-size or --lr): its model and dataset, and its training settings unless "
-             "given; the optimizer state and the schedule start afresh, the record carries on")
-    add("--evaluate", type=pathlib.Path, metavar="CHECKPOINT",
-        help="train nothing: score CHECKPOINT's averaged parameters on the validation and test "
-             "sets of its run's dataset, with standard errors")
-    add("--test-seed", type=number(int, 0),
-        help="--evaluate: score a test set binarized with this seed instead of the pinned one")
-    add("--host-devices", type=number(int, 1), default=training.HOST_DEVICES,
-        help=f"CPU only: split the batch over this many XLA devices (default "
-             f"{training.HOST_DEVICES}; XLA_FLAGS=--xla_force_host_platform_device_count=N "
-             f"takes precedence)")
-    add("--distributed", action="store_true",
-        help="join a multi-process job (several hosts): see --coordinator")
-    add("--coordinator", help="--distributed: HOST:PORT of process 0 (default: "
-                              "JAX_COORDINATOR_ADDRESS, or found under SLURM / Open MPI)")
-    add("--num-processes", type=number(int, 1), help="--distributed: processes in the job")
-    add("--process-id", type=number(int, 0), help="--distributed: this process's id, 0 to N-1")
-    add("--coordinator-timeout", type=number(int, 1), default=300,
-        help="--distributed: seconds to wait for the other processes (default 300)")
-    return p.parse_args(argv)
+@dataclasses.dataclass
+class Run:
+    """A training run: what it is, and its state, which the loop changes."""
+    args: argparse.Namespace
+    out: pathlib.Path
+    settings: dict
+    target: dict               # {"epochs", "max_steps"}: where it stops
+    cfg: pixelrnn.Config
+    ds: data.Dataset
+    mesh: jax.sharding.Mesh
+    progress: Progress
+    state: dict                # {"params", "opt_state", "ema"}, replicated over the mesh
+    optimizer: object          # an optax.GradientTransformation
+    rng: jax.Array = None      # the key samples.png is drawn with
+    best: dict = None          # the averaged parameters of the best validation so far
+
+    @property
+    def steps_per_epoch(self):
+        return data.steps_per_epoch(self.ds, self.settings["batch_size"])
+
+    @property
+    def last_step(self):
+        return min(self.target["epochs"] * self.steps_per_epoch, self.target["max_steps"] or math.inf)
+
+    def save(self, name="checkpoint.npz"):
+        """``checkpoint.npz`` (the whole state) or ``best.npz`` (the best averaged parameters),
+        with the run's record; process 0 writes, from finite parameters only."""
+        tree = dict(self.state, rng=self.rng) if name == "checkpoint.npz" else {"params": self.best}
+        if not all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(tree["params"])):
+            raise Diverged(f"the parameters are not finite at step {self.progress.step}; stopped "
+                           f"without saving {self.out / name}")
+        if jax.process_index() == 0:
+            meta = {"settings": self.settings, "target": self.target,
+                    "config": dataclasses.asdict(self.cfg),
+                    "progress": dataclasses.asdict(self.progress)}
+            training.save(self.out / name, meta, tree)
 
 
 # ---------------------------------------------------------------------------
-# Settings, target, data and model
+# Starting a run: settings, data, model, state
 # ---------------------------------------------------------------------------
 
 
-def resolve_settings(args, saved, source=None):
-    """The run's settings: the command line, else ``saved`` (a resumed run's), else the defaults.
-
-    A run started ``--init-from`` a checkpoint takes its settings from ``source`` (that
-    checkpoint's) where the command line gives none; its model and dataset must stay.
-    The model's sizes left out stay None here: :func:`make_config` fills them.
-    """
-    given = {name: getattr(args, name) for name in RUN_SETTINGS if getattr(args, name) is not None}
-    if saved is None and source is None:
-        model_defaults = {name: getattr(pixelrnn.Config, name) for name in MODEL_SETTINGS}
-        return {**training.DEFAULTS, **model_defaults, **given}
-    if saved is None:
-        for name in MODEL_SETTINGS + ("dataset",):
-            if name in given and given[name] != source[name]:
-                raise UserError(f"--{name.replace('_', '-')} {given[name]} does not match "
-                                f"{args.init_from} ({name}={source[name]}); --init-from keeps "
-                                f"the model and the dataset of the checkpoint it starts from")
-        return {**source, **given}
+def resolve_settings(args, saved, source):
+    """The command line, else the resumed run's (``saved``), else the ``--init-from``
+    checkpoint's (``source``: its model and dataset must stay), else the defaults."""
+    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    base = saved or source
     for name, value in given.items():
-        if value != saved[name]:
-            raise UserError(f"--{name.replace('_', '-')} {value} does not match the checkpoint "
-                            f"({name}={saved[name]}); leave it out to continue the run")
-    return saved
+        if base and value != base[name] and (saved or name in MODEL_SETTINGS + ("dataset",)):
+            raise UserError(f"--{name.replace('_', '-')} {value} does not match "
+                            f"{'the checkpoint' if saved else args.init_from} ({name}="
+                            f"{base[name]}); " + ("leave it out to continue the run" if saved else
+                                                  "--init-from keeps the model and the dataset"))
+    if base:
+        return {**base, **given}
+    model = given.get("model", "rowlstm")
+    return {**RECIPE, "model": model, **SIZES[model], "out_hidden": OUT_HIDDEN, **given}
 
 
 def resolve_target(args, saved):
-    """``{"epochs", "max_steps"}``: where the run stops.
-
-    A new run takes the command line's, else the defaults. A resumed run
-    keeps its own unless new ones are given: ``--epochs E`` alone trains to
-    E epochs (lifting an earlier ``--max-steps`` cap); ``--max-steps S``
-    alone keeps the run's epochs and caps them at S steps.
-    """
-    if saved is None:
+    """``{"epochs", "max_steps"}``. A resumed run keeps its own unless given new ones:
+    ``--epochs`` alone lifts an earlier ``--max-steps``; ``--max-steps`` alone caps."""
+    if saved is None or args.epochs is not None:
         return {"epochs": args.epochs or EPOCHS, "max_steps": args.max_steps or 0}
-    if args.epochs is not None:
-        return {"epochs": args.epochs, "max_steps": args.max_steps or 0}
     return dict(saved, max_steps=saved["max_steps"] if args.max_steps is None else args.max_steps)
 
 
-def target_steps(target, steps_per_epoch):
-    """The step at which a run with ``target`` stops."""
-    return min(target["epochs"] * steps_per_epoch, target["max_steps"] or math.inf)
-
-
-def planned_steps(target, steps_per_epoch):
-    """The length the learning-rate schedule plans for: ``--epochs``, whatever ``--max-steps``
-    cuts off, so that a run stopped early and resumed follows the same schedule."""
-    return target["epochs"] * steps_per_epoch
-
-
-def describe_target(target, steps_per_epoch):
-    """E.g. ``"7810 steps (10 epochs)"`` or ``"50 steps (--max-steps)"``."""
-    steps = target_steps(target, steps_per_epoch)
-    if steps < target["epochs"] * steps_per_epoch:
-        return f"{steps} steps (--max-steps)"
-    return f"{steps} steps ({target['epochs']} epoch{'s' if target['epochs'] > 1 else ''})"
-
-
-def load_data(settings, data_dir, binarize_given):
-    """The dataset, cut to ``train_subset`` / ``eval_subset`` images when those are set."""
-    if binarize_given and data.DATASETS[settings["dataset"]].levels != 2:
+def load_data_and_config(settings, args):
+    """The dataset (cut to the subsets) and the model config for its images; sizes that
+    do not split into R, G, B thirds are rounded up, and ``settings`` records them."""
+    if args.binarize and data.DATASETS[settings["dataset"]].levels != 2:
         raise UserError(f"--binarize is for binary datasets (mnist, idx-binary), "
                         f"not {settings['dataset']}")
-    ds = data.load_dataset(settings["dataset"], data_dir, settings["binarize"])
-    n_train, n_eval = settings["train_subset"] or None, settings["eval_subset"] or None  # None: all
-    ds = dataclasses.replace(ds, train=ds.train[:n_train], valid=ds.valid[:n_eval],
-                             test=ds.test[:n_eval])
+    ds = data.load_dataset(settings["dataset"], args.data_dir, settings["binarize"])
+    train, test = settings["train_subset"] or None, settings["eval_subset"] or None
+    ds = dataclasses.replace(ds, train=ds.train[:train], valid=ds.valid[:test], test=ds.test[:test])
     if data.steps_per_epoch(ds, settings["batch_size"]) == 0:
         raise UserError(f"--batch-size {settings['batch_size']} is larger than the "
                         f"{len(ds.train)} training images")
-    return ds
-
-
-def make_config(settings, ds):
-    """The model config for ``settings`` on images shaped like ``ds``'s; fills the
-    sizes left out into ``settings``, so that the run saves what it used."""
     height, width, channels = ds.shape
+    for name in ("hidden", "out_hidden"):          # not given: round up for RGB
+        if getattr(args, name) is None and not args.resume and not args.init_from:
+            settings[name] = -(-settings[name] // channels) * channels
     try:
         cfg = pixelrnn.Config(height=height, width=width, channels=channels, levels=ds.levels,
                               **{name: settings[name] for name in MODEL_SETTINGS})
     except ValueError as e:
         raise UserError(str(e)) from None
-    settings.update({name: getattr(cfg, name) for name in MODEL_SETTINGS})
-    return cfg
+    return ds, cfg
 
 
-def nll_unit(cfg):
-    """``(name, factor)``: NLL in nats per image times ``factor`` is in the reported unit.
+def start_run(args):
+    """Check everything the user gave, then set up a new or resumed run (None: nothing to
+    do). Nothing is written before every check has passed."""
+    if args.resume and args.init_from:
+        raise UserError("--init-from starts a new run; leave it out to --resume one")
+    source = training.read(args.init_from) if args.init_from else None
+    model = args.model or (source[0]["settings"]["model"] if source else "rowlstm")
+    dataset = args.dataset or (source[0]["settings"]["dataset"] if source else RECIPE["dataset"])
+    out = pathlib.Path(args.out or f"runs/{model}-{dataset}")
+    path = out / "checkpoint.npz"
+    if path.exists() != args.resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
+                        f"another --out" if path.exists() else f"no checkpoint to resume: "
+                        f"{path} does not exist")
+    saved = training.read(path) if args.resume else None
+    settings = resolve_settings(args, saved and saved[0]["settings"], source and source[0]["settings"])
+    target = resolve_target(args, saved and saved[0]["target"])
+    ds, cfg = load_data_and_config(settings, args)
+    for record, where in ((saved, path), (source, args.init_from)):
+        if record and pixelrnn.Config(**record[0]["config"]) != cfg:
+            raise UserError(f"{where} was written for another model config: {record[0]['config']}")
+    mesh = training.make_mesh(settings["batch_size"], args.eval_batch_size)
+    optimizer = training.make_optimizer(settings, target["epochs"] * data.steps_per_epoch(
+        ds, settings["batch_size"]))
+    run = Run(args, out, settings, target, cfg, ds, mesh, Progress(), None, optimizer)
+    restore_state(run, saved, source)
+    if run.progress.tested and run.progress.step >= run.last_step:
+        print(f"{out} has already trained to {describe_target(run)} and been tested; nothing "
+              f"to do (give a larger --epochs or --max-steps to train on)")
+        return None
+    write_config(run)
+    return run
 
-    Binary data is reported in nats per image (as the paper's MNIST table),
-    anything else in bits per dimension, ``nats / (H * W * C * ln 2)``.
-    """
-    if cfg.levels == 2:
-        return "nats", 1.0
-    return "bits/dim", 1.0 / (cfg.height * cfg.width * cfg.channels * math.log(2))
+
+def restore_state(run, saved, source):
+    """The run's state, progress and best parameters: from its checkpoint, from the
+    ``--init-from`` checkpoint's averaged parameters (a fresh optimizer, the record
+    carried on), or new."""
+    key = jax.random.PRNGKey(run.settings["seed"])
+
+    def init(key):
+        init_key, rng = jax.random.split(key)
+        return dict(training.init_state(pixelrnn.init(init_key, run.cfg), run.optimizer), rng=rng)
+
+    if saved:
+        (meta, arrays), path = saved, run.out / "checkpoint.npz"
+        tree = training.unflatten(arrays, jax.eval_shape(init, key), path)
+        run.progress = Progress(**meta["progress"])
+        if run.progress.best_step is not None:
+            run.best = training.load_params(run.out / "best.npz")[1]
+    else:
+        tree = jax.jit(init)(key)
+    if source:
+        (meta, arrays), p = source, Progress(**source[0]["progress"])
+        averaged = training.averaged_params(meta, arrays, run.args.init_from)
+        tree = dict(tree, params=averaged, ema=jax.tree.map(np.copy, averaged))
+        step = p.step if any(a.startswith("ema/") for a in arrays) else p.best_step
+        lines = [line for line in p.metrics if "valid_nll" in line and line["step"] <= step]
+        seconds = p.train_seconds if step == p.step else lines[-1]["train_seconds"]
+        run.progress = Progress(metrics=lines, train_seconds=seconds, images_before=(
+            p.images_before + step * meta["settings"]["batch_size"]))
+    replicated = training.replicated(run.mesh)
+    run.state = jax.device_put({k: tree[k] for k in ("params", "opt_state", "ema")}, replicated)
+    run.rng = tree["rng"]
+    if run.best is not None:
+        run.best = jax.device_put(run.best, replicated)
 
 
-# ---------------------------------------------------------------------------
-# Files of the run folder
-# ---------------------------------------------------------------------------
+def write_config(run):
+    """config.json, and metrics.jsonl and curve.svg as of the checkpoint (process 0)."""
+    if jax.process_index() != 0:
+        return
+    try:
+        run.out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"config": dataclasses.asdict(run.cfg), "settings": run.settings,
+                           "target": run.target}, indent=2) + "\n"
+        with data.atomic_write(run.out / "config.json") as f:
+            f.write(text.encode())
+        write_record(run)
+    except OSError as e:
+        raise UserError(f"cannot write to --out {run.out}: {e.strerror or e}") from None
 
 
-def write_text(path, text):
-    """Replace ``path`` with ``text``, atomically."""
-    with data.atomic_write(path) as f:
-        f.write(text.encode())
-
-
-def write_record(out, lines, cfg, dataset):
-    """Rewrite ``metrics.jsonl`` from the run's metrics ``lines`` and ``curve.svg`` beside it
-    (each atomically, so a crash never leaves half a line)."""
-    write_text(out / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
-    default_sizes = cfg == pixelrnn.Config(model=cfg.model)
-    paper = PAPER_MNIST_NLL[cfg.model] if dataset == "mnist" and default_sizes else None
-    write_text(out / "curve.svg", curve_svg(lines, nll_unit(cfg)[0], paper))
+def write_record(run):
+    """metrics.jsonl (strict JSON lines) and curve.svg, from the run's metrics lines."""
+    lines = run.progress.metrics
+    with data.atomic_write(run.out / "metrics.jsonl") as f:
+        f.write("".join(json.dumps(line, allow_nan=False) + "\n" for line in lines).encode())
+    shipped_size = run.cfg == pixelrnn.Config(model=run.cfg.model, **SIZES[run.cfg.model])
+    paper = PAPER_MNIST_NLL[run.cfg.model] if run.settings["dataset"] == "mnist" and shipped_size \
+        else None
+    with data.atomic_write(run.out / "curve.svg") as f:
+        f.write(curve_svg(lines, nll_unit(run.cfg)[0], paper).encode())
 
 
 def curve_svg(lines, unit, paper=None):
-    """An SVG chart of a run's validation NLL and training loss (in ``unit``) against
-    images seen: one point per validation line, the paper's figure as a dashed line.
-
-    Plain SVG text, no plotting library: it opens in any browser and on GitHub.
-    """
+    """An SVG chart (plain text, no plotting library) of the validation NLL and the training
+    loss in ``unit`` against images seen; the paper's figure as a dashed line."""
     width, height, left, right, top, bottom = 640, 400, 70, 150, 20, 50
-    series = {"validation NLL": [(m["images"], m["valid_nll"]) for m in lines if "valid_nll" in m],
-              "training loss": [(m["images"], m["train_loss"]) for m in lines
-                                if m.get("train_loss") is not None]}
-    colours = {"validation NLL": "#1f77b4", "training loss": "#ff7f0e"}
-    xs = [x for points in series.values() for x, _ in points]
-    ys = [y for points in series.values() for _, y in points] + ([paper] if paper else [])
-    x_max = max(xs + [1])
-    y_low, y_high = (min(ys), max(ys)) if ys else (0.0, 1.0)
-    pad = 0.05 * (y_high - y_low) or 1.0        # keep the extremes (and the paper's line) off the axes
-    y_low, y_high = y_low - pad, y_high + pad
+    series = {"validation NLL": ("#1f77b4", [(m["images"], m["valid_nll"]) for m in lines
+                                             if "valid_nll" in m]),
+              "training loss": ("#ff7f0e", [(m["images"], m["train_loss"]) for m in lines
+                                            if m.get("train_loss") is not None])}
+    xs = [x for _, points in series.values() for x, _ in points] + [1]
+    ys = [y for _, points in series.values() for _, y in points] + ([paper] if paper else [])
+    low, high = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    pad = 0.05 * (high - low) or 1.0             # keep the extremes off the axes
+    low, high, x_max = low - pad, high + pad, max(xs)
 
     def px(x):
         return left + (width - left - right) * x / x_max
 
     def py(y):
-        return top + (height - top - bottom) * (y_high - y) / (y_high - y_low)
+        return top + (height - top - bottom) * (high - y) / (high - low)
 
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<polyline points="{px(0)},{py(y_high)} {px(0)},{py(y_low)} {px(x_max)},{py(y_low)}" '
+           f'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<polyline points="{px(0)},{py(high)} {px(0)},{py(low)} {px(x_max)},{py(low)}" '
            f'fill="none" stroke="black"/>',
            f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">'
            f'training images seen</text>',
-           f'<text transform="translate(16,{(top + height - bottom) / 2}) rotate(-90)" '
-           f'text-anchor="middle">NLL ({unit})</text>']
+           f'<text x="{left}" y="{top - 6}" text-anchor="middle">NLL ({unit})</text>']
     for fraction in (0, 0.5, 1):                 # ticks at both ends and the middle
-        x, y = x_max * fraction, y_low + (y_high - y_low) * fraction
-        svg += [f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:,.0f}</text>',
-                f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>']
+        x, y = x_max * fraction, low + (high - low) * fraction
+        svg += [f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:,.0f}'
+                f'</text>', f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>']
     legend = [(f"paper: {paper}", "gray")] if paper else []
     if paper:
         svg.append(f'<line class="paper" x1="{px(0)}" y1="{py(paper):.1f}" x2="{px(x_max)}" '
                    f'y2="{py(paper):.1f}" stroke="gray" stroke-dasharray="6,4"/>')
-    for name, points in series.items():
-        kind, colour = name.split()[0], colours[name]
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+    for name, (colour, points) in series.items():
+        kind, path = name.split()[0], " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
         svg.append(f'<polyline class="{kind}" points="{path}" fill="none" stroke="{colour}"/>')
-        svg += [f'<circle class="{kind}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>'
-                for x, y in points]
+        svg += [f'<circle class="{kind}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" '
+                f'fill="{colour}"/>' for x, y in points]
         legend.append((name, colour))
     svg += [f'<text x="{width - right + 8}" y="{top + 10 + 18 * i}" fill="{colour}">{text}</text>'
             for i, (text, colour) in enumerate(legend)]
     return "\n".join(svg + ["</svg>"]) + "\n"
 
 
-# ---------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------
-
-
-class StopRequest:
-    """Set by the first Ctrl-C; the training loop checks it between steps."""
-    requested = False
-
-
-@contextlib.contextmanager
-def stop_on_sigint():
-    """Turn the first Ctrl-C into a request, checked between steps, to save and stop.
-
-    Stopping between steps keeps parameters, optimizer state and data position
-    consistent. A second Ctrl-C interrupts at once, without saving.
-    """
-    stop = StopRequest()
-
-    def handle(signum, frame):
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-
-    previous = signal.signal(signal.SIGINT, handle)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@dataclasses.dataclass
-class Throughput:
-    """Images and seconds of the training steps since the last validation, for images/s.
-
-    The process's first step is left out: it includes compilation.
-    """
-    images: int = 0
-    seconds: float = 0.0
-    last: float = None         # when the previous step ended; None before the first
-
-    def step_done(self, images):
-        """Count a step of ``images`` that ended now; returns its seconds (0 for the first)."""
-        now, last = time.perf_counter(), self.last
-        self.last = now
-        if last is None:
-            return 0.0
-        self.images, self.seconds = self.images + images, self.seconds + now - last
-        return now - last
-
-    def per_second(self):
-        return self.images / self.seconds if self.seconds else None
-
-    def restart(self):
-        """Start a new count; the next step's time runs from now (validation excluded)."""
-        self.images, self.seconds = 0, 0.0
-        if self.last is not None:
-            self.last = time.perf_counter()
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything a training run holds; ``progress``, ``state`` and ``best_params`` change."""
-    args: argparse.Namespace
-    out: pathlib.Path
-    settings: dict
-    target: dict
-    cfg: pixelrnn.Config
-    ds: data.Dataset
-    mesh: jax.sharding.Mesh
-    optimizer: object     # an optax.GradientTransformation
-    progress: Progress
-    state: dict           # {"params", "opt_state", "ema"}, replicated over the mesh
-    rng: jax.Array        # the key samples.png is drawn with
-    best_params: dict     # the averaged parameters of the best validation so far (or None)
-    is_main: bool         # process 0 writes the files
-
-    @property
-    def steps_per_epoch(self):
-        return data.steps_per_epoch(self.ds, self.settings["batch_size"])
-
-    def checkpoint_arrays(self):
-        """All the arrays a checkpoint holds."""
-        return dict(self.state, rng=self.rng)
-
-    def save(self, name="checkpoint.npz", tree=None):
-        """Write ``tree`` (default: the whole state) and the run's record to ``out/name``
-        (process 0 only)."""
-        if self.is_main:
-            checkpoint.write(self.out / name, self.settings, self.target, self.cfg,
-                             self.progress, tree or self.checkpoint_arrays())
-
-
-def make_init(cfg, optimizer):
-    """``init(key) -> {"params", "opt_state", "ema", "rng"}``: a new run's arrays.
-
-    Jit it to run it (op by op, every initializer would compile on its own);
-    ``jax.eval_shape`` it for the shapes a checkpoint must have.
-    """
-    def init(key):
-        init_key, rng = jax.random.split(key)
-        return dict(training.init_state(pixelrnn.init(init_key, cfg), optimizer), rng=rng)
-    return init
-
-
-def read_run(args, out):
-    """A resumed run's checkpoint, its best parameters' arrays, or ``(None, None)`` for a new run."""
-    path = out / "checkpoint.npz"
-    if not args.resume:
-        if path.exists():
-            raise UserError(f"{out} already holds a run; pass --resume to continue it "
-                            f"or choose another --out")
-        return None, None
-    if not path.exists():
-        raise UserError(f"no checkpoint to resume: {path} does not exist")
-    saved = checkpoint.read(path)
-    best = checkpoint.read(out / "best.npz").arrays if saved.progress.best_step is not None else None
-    return saved, best
-
-
-def read_source(args):
-    """The checkpoint a new run starts ``--init-from``, or None."""
-    if args.init_from is None:
-        return None
-    if args.resume:
-        raise UserError("--init-from starts a new run; leave it out to --resume one")
-    return checkpoint.read(args.init_from)
-
-
-def carried_progress(source):
-    """A new run's :class:`Progress`. Started ``--init-from`` ``source``, it carries on the record
-    of the averaged parameters taken: their validation lines, images seen and training time."""
-    if source is None:
-        return Progress()
-    p = source.progress
-    step = p.step if checkpoint.has_average(source) else p.best_step
-    lines = [line for line in p.metrics if "valid_nll" in line and line["step"] <= step]
-    return Progress(train_seconds=p.train_seconds if step == p.step else lines[-1]["train_seconds"],
-                    metrics=lines, images_before=p.images_before + step * source.settings["batch_size"])
-
-
-def start_run(args):
-    """Check everything the user gave, then set up a new or resumed run.
-
-    Returns None, having written nothing, when a resumed run has nothing
-    left to do. Writes config.json.
-    """
-    source = read_source(args)
-    defaults = source.settings if source else {**training.DEFAULTS, "model": pixelrnn.Config.model}
-    model, dataset = args.model or defaults["model"], args.dataset or defaults["dataset"]
-    out = pathlib.Path(args.out or f"runs/{model}-{dataset}")
-    saved, best_arrays = read_run(args, out)
-    settings = resolve_settings(args, saved and saved.settings, source and source.settings)
-    target = resolve_target(args, saved and saved.target)
-    ds = load_data(settings, args.data_dir, args.binarize is not None)
-    cfg = make_config(settings, ds)
-    progress = saved.progress if saved else carried_progress(source)
-    for record, path in ((saved, out / "checkpoint.npz"), (source, args.init_from)):
-        if record and record.cfg != cfg:
-            raise UserError(f"{path} was written for another model config: {record.cfg}")
-    averaged = checkpoint.averaged_params(source, args.init_from) if source else None
-    steps = data.steps_per_epoch(ds, settings["batch_size"])
-    optimizer = training.make_optimizer(settings, planned_steps(target, steps))
-    init, key = make_init(cfg, optimizer), jax.random.PRNGKey(settings["seed"])
-    template = jax.eval_shape(init, key)
-    tree = checkpoint.unflatten(saved.arrays, template, out / "checkpoint.npz") if saved else None
-    best = (checkpoint.unflatten(best_arrays, {"params": template["params"]},
-                                 out / "best.npz")["params"] if best_arrays is not None else None)
-    if saved and progress.tested and progress.step >= target_steps(target, steps):
-        print(f"{out} has already trained to {describe_target(target, steps)} and been tested; "
-              f"nothing to do (give a larger --epochs or --max-steps to train on)")
-        return None
-    mesh = training.make_mesh(settings["batch_size"], args.eval_batch_size)
-    is_main = jax.process_index() == 0
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "config.json", json.dumps(
-                {"config": dataclasses.asdict(cfg), "settings": settings, "target": target},
-                indent=2) + "\n")
-            write_record(out, progress.metrics, cfg, settings["dataset"])  # drop lines after the checkpoint
-        except OSError as e:
-            raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
-    if not saved:
-        tree = jax.jit(init)(key)
-    if averaged is not None:              # --init-from: both start as its averaged parameters
-        tree = dict(tree, params=averaged, ema=jax.tree.map(np.copy, averaged))
-    state = jax.device_put({name: tree[name] for name in ("params", "opt_state", "ema")},
-                           training.replicated(mesh))
-    best = jax.device_put(best, training.replicated(mesh)) if best is not None else None
-    return Run(args, out, settings, target, cfg, ds, mesh, optimizer, progress, state,
-               tree["rng"], best, is_main)
+def describe_target(run):
+    """E.g. ``"7810 steps (10 epochs)"`` or ``"50 steps (--max-steps)"``."""
+    epochs = run.target["epochs"]
+    if run.last_step < epochs * run.steps_per_epoch:
+        return f"{run.last_step} steps (--max-steps)"
+    return f"{run.last_step} steps ({epochs} epoch{'s' if epochs > 1 else ''})"
 
 
 def describe_run(run):
     """The first line of every run: what trains, at what size, on what."""
-    devices = jax.devices()
-    cfg = run.cfg
-    switched_off = "".join(f"no {wiring} connections, " for wiring in ("skip", "residual")
-                           if not getattr(cfg, wiring))
+    cfg, devices = run.cfg, jax.devices()
+    off = "".join(f"no {name} connections, " for name in ("skip", "residual")
+                  if not getattr(cfg, name))
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     return (f"training {cfg.model} ({cfg.layers} layer{'s' if cfg.layers > 1 else ''}, "
-            f"h={cfg.hidden}, head {cfg.out_hidden}, {switched_off}"
+            f"h={cfg.hidden}, head {cfg.out_hidden}, {off}"
             f"{pixelrnn.parameter_count(run.state['params']):,} parameters) on "
             f"{run.settings['dataset']}, {len(devices)} {devices[0].platform} "
-            f"device{'s' if len(devices) > 1 else ''}"
-            f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}, "
-            f"to {describe_target(run.target, run.steps_per_epoch)}, into {run.out}")
+            f"device{'s' if len(devices) > 1 else ''}{processes}, to {describe_target(run)}, "
+            f"into {run.out}")
 
 
-def recent_loss(progress):
-    """The mean training loss (nats/image) of the last ``LOSS_WINDOW`` steps, or None."""
+# ---------------------------------------------------------------------------
+# The loop: train, validate, checkpoint; then test and sample
+# ---------------------------------------------------------------------------
+
+
+def catch_stop_signals():
+    """The first Ctrl-C or SIGTERM asks the loop to save and stop between steps (which
+    keeps parameters, optimizer state and data position consistent); a second one
+    stops at once. Returns the list the handler appends the signal numbers to."""
+    caught = []
+
+    def handle(signum, frame):
+        caught.append(signum)
+        if len(caught) > 1:
+            raise KeyboardInterrupt
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
+    return caught
+
+
+def read_loss(run, step, loss):
+    """Take step ``step``'s loss, read one step late so that the device runs ahead."""
+    p, loss = run.progress, float(loss)
+    if not math.isfinite(loss):
+        kept = run.out / "checkpoint.npz"
+        raise Diverged(f"the training loss is {loss} at step {step}; stopped without saving; "
+                       f"the last good checkpoint is {kept if kept.exists() else 'none yet'}")
+    p.recent_losses = (p.recent_losses + [loss])[-LOSS_WINDOW:]
+
+
+def train_epoch(run, train_step, bar, stop):
+    """Train to the end of the epoch, the target or a stop signal; returns images/s."""
+    p, batch_size, (unit, factor) = run.progress, run.settings["batch_size"], nll_unit(run.cfg)
+    start, first_step, pending = time.perf_counter(), p.step, None
+    for index, images in data.train_batches(run.ds, batch_size, run.settings["seed"], p.epoch,
+                                            p.index):
+        run.state, loss = train_step(run.state, training.put_batch(images, run.mesh), p.step)
+        if pending is not None:
+            read_loss(run, *pending)
+        p.step, p.index, pending = p.step + 1, index + 1, (p.step + 1, loss)
+        at_end = bool(stop) or p.step >= run.last_step or p.index == run.steps_per_epoch
+        if at_end or p.step % run.args.save_every == 0:
+            read_loss(run, *pending)               # never save past an unread loss
+            pending = None
+        speed = (p.step - first_step) * batch_size / (time.perf_counter() - start)
+        bar.set_postfix_str(f"loss {mean_loss(p) * factor:.4g} {unit}, {speed:.1f} img/s"
+                            if p.recent_losses else "", refresh=False)
+        bar.update(batch_size)
+        if at_end:
+            break
+        if pending is None:
+            run.save()
+    p.train_seconds += time.perf_counter() - start
+    return speed                                   # as the bar shows it
+
+
+def mean_loss(progress):
+    """The training loss (nats/image): the mean of the recent steps', or None."""
     losses = progress.recent_losses
     return sum(losses) / len(losses) if losses else None
 
 
-def train_epoch(run, train_step, stop, clock):
-    """Train from the current data position to the end of the epoch, the target or a stop request."""
-    p, batch_size = run.progress, run.settings["batch_size"]
-    unit, factor = nll_unit(run.cfg)
-    last_step = target_steps(run.target, run.steps_per_epoch)
-    bar = tqdm(total=run.steps_per_epoch * batch_size, initial=p.index * batch_size, unit="img",
-               desc=f"epoch {p.epoch + 1}/{run.target['epochs']}", disable=not run.is_main,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                          "[{elapsed}<{remaining}{postfix}]")   # no rate: tqdm's counts compiling
-    batches = data.train_batches(run.ds, batch_size, run.settings["seed"], p.epoch, p.index)
-    with bar:
-        for index, images in batches:
-            run.state, loss = train_step(run.state, training.put_batch(images, run.mesh), p.step)
-            loss = float(loss)
-            if not math.isfinite(loss):
-                kept = run.out / "checkpoint.npz"
-                raise Diverged(f"the training loss is {loss} at step {p.step + 1}; stopped without "
-                               f"saving; the last good checkpoint is "
-                               f"{kept if kept.exists() else 'none (none was saved yet)'}")
-            p.train_seconds += clock.step_done(batch_size)
-            p.step, p.index = p.step + 1, index + 1
-            p.recent_losses = (p.recent_losses + [loss])[-LOSS_WINDOW:]
-            bar.update(batch_size)
-            speed = clock.per_second()
-            bar.set_postfix_str(f"loss {recent_loss(p) * factor:.4g} {unit}"
-                                + (f", {speed:.1f} img/s" if speed else ""))
-            if stop.requested or p.step >= last_step:
-                break
-            if run.args.save_every and p.step % run.args.save_every == 0:
-                run.save()
+def nll_unit(cfg):
+    """``(name, factor)``: nats per image for binary data (as the paper's MNIST table),
+    else bits per dimension, ``nats / (H * W * C * ln 2)``."""
+    if cfg.levels == 2:
+        return "nats", 1.0
+    return "bits/dim", 1.0 / (cfg.height * cfg.width * cfg.channels * math.log(2))
 
 
-def validate_and_save(run, evaluate, learning_rate, clock):
-    """Validation NLL of the averaged parameters after an epoch (or the last step):
-    a metrics line, curve.svg, best.npz, checkpoint.npz."""
-    p = run.progress
-    unit, factor = nll_unit(run.cfg)
-    valid, valid_se = evaluate(run.state["ema"], run.ds.valid)
-    train_loss, speed = recent_loss(p), clock.per_second()
+def validate(run, evaluate, speed):
+    """Validation NLL of the averaged parameters: a metrics line, best.npz if it is the
+    best so far, checkpoint.npz."""
+    p, (unit, factor) = run.progress, nll_unit(run.cfg)
+    valid, se = evaluate(run.state["ema"], run.ds.valid)
+    loss = mean_loss(p)
     line = {"epoch": round(p.step / run.steps_per_epoch, 4), "step": p.step,
             "images": p.images_before + p.step * run.settings["batch_size"], "unit": unit,
-            "valid_nll": float(valid * factor), "valid_se": float(valid_se * factor),
-            "train_loss": train_loss * factor if train_loss is not None else None,
-            "lr": float(learning_rate(p.step)), "images_per_s": speed,
-            "train_seconds": round(p.train_seconds, 1)}
+            "valid_nll": valid * factor, "valid_se": se * factor,
+            "train_loss": loss * factor if loss is not None else None,
+            "lr": float(training.learning_rate(run.settings, run.target["epochs"] *
+                                               run.steps_per_epoch)(p.step)),
+            "images_per_s": speed, "train_seconds": round(p.train_seconds, 1)}
     p.metrics.append(line)
-    if run.is_main:
-        tqdm.write(f"step {p.step}: valid {line['valid_nll']:.4f} ± {line['valid_se']:.2f} {unit}"
-                   + (f", loss {line['train_loss']:.4g} {unit}" if train_loss is not None else "")
-                   + (f", {speed:.1f} img/s" if speed else ""))
-        write_run_record(run)
+    report(run, f"step {p.step}: valid {line['valid_nll']:.4f} ± {line['valid_se']:.2f} {unit}"
+           + (f", loss {line['train_loss']:.4g} {unit}" if loss is not None else "")
+           + (f", {speed:.1f} img/s" if speed else ""))
     if p.best_valid is None or valid < p.best_valid:
-        p.best_valid, p.best_step = float(valid), p.step
-        run.best_params = run.state["ema"]
-        # Before checkpoint.npz: a checkpoint never names a best step not on disk.
-        run.save("best.npz", {"params": run.best_params})
+        p.best_valid, p.best_step = valid, p.step
+        run.best = jax.tree.map(jnp.copy, run.state["ema"])   # the step donates run.state
+        run.save("best.npz")            # before checkpoint.npz, which names its step
     run.save()
-    clock.restart()
 
 
-def write_run_record(run):
-    """metrics.jsonl and curve.svg, from the run's metrics lines."""
-    write_record(run.out, run.progress.metrics, run.cfg, run.settings["dataset"])
+def report(run, text):
+    """Print a line (process 0) and rewrite metrics.jsonl and curve.svg."""
+    if jax.process_index() == 0:
+        tqdm.write(text)
+        write_record(run)
 
 
 def finish(run, evaluate):
-    """Test NLL of the best averaged parameters; the final best.npz (those parameters
-    with the run's whole record) and checkpoint; then samples.png from the same parameters."""
-    unit, factor = nll_unit(run.cfg)
-    p = run.progress
-    test, test_se = evaluate(run.best_params, run.ds.test)
+    """Test NLL of the best averaged parameters; best.npz with the whole record (the file
+    to share or ship) and the checkpoint; then samples.png from the same parameters."""
+    p, (unit, factor) = run.progress, nll_unit(run.cfg)
+    test, se = evaluate(run.best, run.ds.test)
     p.metrics.append({"step": p.step, "best_step": p.best_step, "unit": unit,
-                      "test_nll": float(test * factor), "test_se": float(test_se * factor)})
+                      "test_nll": test * factor, "test_se": se * factor})
     p.tested = True
-    if run.is_main:
-        print(f"test NLL {test * factor:.4f} ± {test_se * factor:.2f} {unit} "
-              f"(best validation at step {p.best_step})")
-        write_run_record(run)
-    # best.npz with the whole record, test included: the file to share or ship.
-    run.save("best.npz", {"params": run.best_params})
+    report(run, f"test NLL {test * factor:.4f} ± {se * factor:.2f} {unit} "
+                f"(best validation at step {p.best_step})")
+    run.save("best.npz")
     run.save()
-    if run.args.num_samples:  # every process samples (the parameters live on all of them)
+    if run.args.num_samples:  # every process samples: the parameters live on all of them
         start = time.perf_counter()
         sample = jax.jit(pixelrnn.sample, static_argnums=(1, 3))
-        images = np.asarray(sample(run.best_params, run.cfg, run.rng, run.args.num_samples))
-        if run.is_main:
+        images = np.asarray(sample(run.best, run.cfg, run.rng, run.args.num_samples))
+        if jax.process_index() == 0:
             data.save_png(run.out / "samples.png", data.image_grid(images, run.cfg.levels),
                           data.GRID_SCALE)
             print(f"wrote {run.out / 'samples.png'} ({time.perf_counter() - start:.1f} s)")
 
 
 def train(args):
-    """Train until the run's target; returns the exit code."""
+    """Train until the run's target, then test; returns the exit code."""
     training.set_up_devices(args.host_devices, args.distributed, args.coordinator,
                             args.num_processes, args.process_id, args.coordinator_timeout)
-    with stop_on_sigint() as stop:
-        run = start_run(args)
-        if run is None:
-            return 0
-        p = run.progress
-        if run.is_main:
-            print(describe_run(run))
-            if args.resume:
-                print(f"resuming {run.out} at step {p.step} (epoch {p.epoch + 1}, batch {p.index}) "
-                      f"of {describe_target(run.target, run.steps_per_epoch)}")
-            if args.init_from:
-                print(f"starting from the averaged parameters of {args.init_from} "
-                      f"({p.images_before:,} images seen)")
-        train_step = training.make_train_step(run.cfg, run.optimizer, run.mesh,
-                                              run.settings["ema"])
-        evaluate = training.make_evaluate(run.cfg, run.mesh, args.eval_batch_size)
-        schedule = training.learning_rate(run.settings, planned_steps(run.target, run.steps_per_epoch))
-        clock = Throughput()
-        last_step = target_steps(run.target, run.steps_per_epoch)
-        while p.step < last_step and not stop.requested:
-            train_epoch(run, train_step, stop, clock)
-            if stop.requested:
+    stop = catch_stop_signals()
+    run = start_run(args)
+    if run is None:
+        return 0
+    p = run.progress
+    if jax.process_index() == 0:
+        print(describe_run(run))
+        if args.resume:
+            print(f"resuming {run.out} at step {p.step} (epoch {p.epoch + 1}, batch {p.index}) "
+                  f"of {describe_target(run)}")
+        if args.init_from:
+            print(f"starting from the averaged parameters of {args.init_from} "
+                  f"({p.images_before:,} images seen)")
+    batch = training.put_batch(np.zeros((run.settings["batch_size"], *run.ds.shape), np.uint8),
+                               run.mesh)
+    step = training.make_train_step(run.cfg, run.optimizer, run.mesh, run.settings["ema"])
+    train_step = step.lower(run.state, batch, p.step).compile()    # before the bar starts
+    evaluate = training.make_evaluate(run.cfg, run.mesh, args.eval_batch_size)
+    images = run.settings["batch_size"]
+    with tqdm(total=run.last_step * images, initial=p.step * images, unit="img",
+              disable=jax.process_index() != 0,
+              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]") as bar:
+        while p.step < run.last_step and not stop:
+            bar.set_description(f"epoch {p.epoch + 1}/{run.target['epochs']}")
+            speed = train_epoch(run, train_step, bar, stop)
+            if stop:
                 break
             if p.index == run.steps_per_epoch:
                 p.epoch, p.index = p.epoch + 1, 0
-            validate_and_save(run, evaluate, schedule, clock)
-        if stop.requested:
-            run.save()
-            checkpoint.fail(f"interrupted at step {p.step}; saved {run.out / 'checkpoint.npz'}; "
-                            f"continue with --resume", PROGRAM, EXIT_INTERRUPTED, label="")
-        if run.best_params is None:        # a target already reached before any validation
-            validate_and_save(run, evaluate, schedule, clock)
-        finish(run, evaluate)
+            validate(run, evaluate, speed)
+    if stop:
+        run.save()
+        print(f"train.py: interrupted at step {p.step}; saved {run.out / 'checkpoint.npz'}; "
+              f"continue with --resume", file=sys.stderr)
+        return 128 + stop[0]
+    if run.best is None:        # the target was reached before any validation
+        validate(run, evaluate, None)
+    finish(run, evaluate)
     return 0
 
 
 def evaluate_checkpoint(args):
-    """``--evaluate``: the NLL of a checkpoint's averaged parameters on the validation and
-    test sets of its run's dataset, with standard errors over images. Trains nothing."""
+    """``--evaluate``: a checkpoint's validation and test NLL, ± standard errors over images."""
     training.set_up_devices(args.host_devices)
-    cfg, params, settings = checkpoint.load_params(args.evaluate)
+    cfg, params, meta = training.load_params(args.evaluate)
+    settings = meta["settings"]
     ds = data.load_dataset(settings["dataset"], args.data_dir, settings["binarize"], args.test_seed)
     mesh = training.make_mesh(args.eval_batch_size, args.eval_batch_size)
     evaluate = training.make_evaluate(cfg, mesh, args.eval_batch_size)
     params = jax.device_put(params, training.replicated(mesh))
-    unit, factor = nll_unit(cfg)
-    n = args.eval_subset or None
-    other_seed = "" if args.test_seed is None else f", binarization seed {args.test_seed}"
-    for name, images, seed in (("valid", ds.valid[:n], ""), ("test", ds.test[:n], other_seed)):
+    (unit, factor), n = nll_unit(cfg), args.eval_subset or None
+    seed = "" if args.test_seed is None else f", binarization seed {args.test_seed}"
+    for name, images, note in (("valid", ds.valid[:n], ""), ("test", ds.test[:n], seed)):
         nll, se = evaluate(params, images)
-        print(f"{name} {nll * factor:.4f} ± {se * factor:.4f} {unit} ({len(images)} images{seed})")
+        print(f"{name} {nll * factor:.4f} ± {se * factor:.2f} {unit} ({len(images)} images{note})")
     return 0
 
 
 def main(argv=None):
-    """The command line entry point: user mistakes become one line on stderr and exit code 2;
-    a diverged run exits with 1, an interrupted one with 130."""
-    args = parse_args(argv)
+    """User mistakes: one line on stderr, exit code 2. A diverged run exits with 1; one
+    stopped by a signal with 128 + its number (130 for Ctrl-C), after saving."""
+    args = parser.parse_args(argv)
     try:
         return evaluate_checkpoint(args) if args.evaluate else train(args)
     except (UserError, data.DataError) as e:
-        checkpoint.fail(e, PROGRAM)
+        parser.error(" ".join(str(e).split()))
     except Diverged as e:
-        checkpoint.fail(e, PROGRAM, EXIT_DIVERGED)
+        parser.exit(EXIT_DIVERGED, f"train.py: error: {e}\n")
     except KeyboardInterrupt:
-        checkpoint.fail("interrupted again: stopped without saving", PROGRAM, EXIT_INTERRUPTED,
-                        label="")
+        parser.exit(130, "train.py: interrupted again: stopped without saving\n")
 
 
 if __name__ == "__main__":

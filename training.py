@@ -1,24 +1,33 @@
-"""The pieces of training that train.py drives and bench.py times.
+"""What train.py, sample.py and bench.py share: devices, the update step, checkpoints.
 
-    training.set_up_devices(host_devices=2)          # before JAX's first computation
+    training.set_up_devices(host_devices=2)       # before JAX's first computation
     mesh = training.make_mesh(batch_size=16, eval_batch_size=256)
-    optimizer = training.make_optimizer(training.DEFAULTS, planned_steps=7810)
+    optimizer = training.make_optimizer(settings, planned_steps=31_250)
     state = training.init_state(pixelrnn.init(key, cfg), optimizer)
-    train_step = training.make_train_step(cfg, optimizer, mesh, training.DEFAULTS["ema"])
+    train_step = training.make_train_step(cfg, optimizer, mesh, ema_decay=0.9995)
     state, loss = train_step(state, training.put_batch(images, mesh), step)
+    cfg, params, meta = training.load_params("weights/rowlstm-mnist.npz")
 
 Data parallelism: every device of every process holds one slice of each
-batch (a 1-D ``jax.sharding.Mesh`` named ``data``); parameters and
-optimizer state are replicated, and one jitted step sums the gradients
-across devices (XLA inserts the all-reduce). The same code runs on
-one CPU split into host devices, on the GPUs of a node, and on several
-hosts.
+batch (a 1-D ``jax.sharding.Mesh`` named ``data``); parameters and optimizer
+state are replicated, and one jitted step sums the gradients across devices
+(XLA inserts the all-reduce). The same code runs on one CPU split into host
+devices, on the GPUs of a node, and on several hosts.
+
+A checkpoint is a plain ``.npz`` file: every array named by its path in the
+tree it came from (``params/layers/0/input_to_state/w``, ``opt_state/...``,
+``ema/...``, ``rng``) and one entry ``meta`` holding the model config and the
+run's record as JSON. It loads with ``np.load(path, allow_pickle=False)``:
+nothing is unpickled, so opening a checkpoint never runs code from it.
 """
 
 import ctypes
+import json
+import math
 import os
 import socket
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -28,46 +37,40 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import data
 import pixelrnn
-from checkpoint import UserError
-
-# The settings that define a training run, with their defaults: the recipe measured in
-# RESULTS.md. (The model's sizes default in pixelrnn.Config.) A run saves them; a resumed
-# run keeps them.
-DEFAULTS = dict(dataset="mnist", batch_size=16, optimizer="adam", lr=1e-3, schedule="cosine",
-                warmup=200, lr_floor=0.05, clip=1.0, ema=0.9995, seed=0, binarize="fresh",
-                train_subset=0, eval_subset=0)
-SCHEDULES = ("cosine", "exponential", "constant")
 
 
-def default_host_devices(cores):
-    """How many XLA devices to split a CPU with ``cores`` usable cores into: one per core,
-    rounded down to a power of two so that the default batch sizes (16 and 256) split
-    evenly. More devices than cores only adds waiting (PERFORMANCE.md)."""
-    return 1 << (cores.bit_length() - 1)
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a file, a folder): one line, exit code 2."""
 
 
-def usable_cores():
-    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-HOST_DEVICES = default_host_devices(usable_cores())     # CPU only: the default --host-devices
+def number(kind, minimum, strict=False):
+    """An argparse type: a finite ``kind`` (int or float) >= ``minimum`` (> if ``strict``)."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"{kind.__name__} {'>' if strict else '>='} {minimum}"
+    return parse
 
 
 # ---------------------------------------------------------------------------
 # Devices
 # ---------------------------------------------------------------------------
 
+# CPU only: one XLA device per usable core, rounded down to a power of two so that the
+# default batch sizes split evenly; more devices than cores only adds waiting.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+HOST_DEVICES = 1 << (CORES.bit_length() - 1)
+
 
 def keep_freed_memory():
     """Make glibc's malloc keep freed memory for reuse instead of unmapping it.
 
     XLA:CPU mallocs each step's scratch buffers (hundreds of MB) from its
-    worker threads, and glibc serves requests that size with a fresh
-    ``mmap`` and unmaps them on ``free``, so every step would page-fault
-    all of it in again. One arena, no ``mmap`` and no trimming keep the
-    buffers mapped for reuse. Must run before JAX starts its threads; a
-    no-op where the C library is not glibc.
+    worker threads; glibc would ``mmap`` each and unmap it on ``free``, so
+    every step would page-fault all of it in again (PERFORMANCE.md). Must run
+    before JAX starts its threads; a no-op where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -79,79 +82,50 @@ def keep_freed_memory():
     libc.mallopt(m_trim_threshold, -1)             # -1: never trim
 
 
-def wait_for_coordinator(address, process_id, timeout, num_processes=None):
-    """Check, before JAX does, that the coordinator ``host:port`` can be used.
-
-    JAX itself aborts the process with a C++ stack trace when a process
-    never joins, so this handshake comes first. Process 0 runs the
-    coordinator: it binds the port and, when ``num_processes`` is known,
-    holds it until each other process has connected once, then frees it
-    for JAX. The others retry connecting until ``timeout`` seconds.
-    ``process_id`` None (found by JAX from the cluster later): only the
-    address is checked. Raises :class:`UserError`.
-    """
+def meet_peers(address, process_id, peers, timeout):
+    """Check that the coordinator ``host:port`` is usable before JAX does: JAX aborts the
+    process with a C++ stack trace when a peer never comes. Process 0 binds the port
+    and waits for each of the ``peers`` other processes to connect once, then frees it
+    for JAX; the others retry connecting for ``timeout`` seconds; with no ``process_id``
+    only the address is checked. Raises UserError."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"coordinator address {address!r}: expected HOST:PORT")
-    if process_id is None:
-        return
-    if process_id == 0:
-        serve_until_peers_connect(address, int(port), (num_processes or 1) - 1, timeout)
-        return
     deadline = time.monotonic() + timeout
-    while True:
+    if process_id == 0:
+        with socket.create_server(("", int(port))) as server:
+            for joined in range(peers):
+                server.settimeout(max(deadline - time.monotonic(), 0.001))
+                try:
+                    server.accept()[0].close()
+                except TimeoutError:
+                    raise UserError(f"{joined} of the {peers} other processes joined within "
+                                    f"{timeout} s: start each with --coordinator {address}")
+    while process_id:
         try:
-            with socket.create_connection((host, int(port)), timeout=5):
-                return
+            return socket.create_connection((host, int(port)), timeout=5).close()
         except OSError:
             if time.monotonic() > deadline:
-                raise UserError(f"no coordinator at {address} after {timeout} s: start process 0 "
-                                f"first, with the same --coordinator") from None
+                raise UserError(f"no coordinator at {address} after {timeout} s: start "
+                                f"process 0 first, with the same --coordinator") from None
             time.sleep(0.5)
-
-
-def serve_until_peers_connect(address, port, peers, timeout):
-    """Process 0's side of :func:`wait_for_coordinator`: on ``port`` (of ``address``,
-    for the message), accept one connection from each of the ``peers`` other
-    processes within ``timeout`` seconds. Raises :class:`UserError`."""
-    try:
-        server = socket.create_server(("", port))
-    except OSError as e:
-        raise UserError(f"process 0 cannot serve the coordinator on port {port}: "
-                        f"{e.strerror or e}") from None
-    deadline = time.monotonic() + timeout
-    with server:
-        for joined in range(peers):
-            server.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                server.accept()[0].close()
-            except TimeoutError:
-                raise UserError(f"{joined} of the {peers} other processes joined within "
-                                f"{timeout} s: start each with --coordinator {address}") from None
 
 
 def set_up_devices(host_devices=HOST_DEVICES, distributed=False, coordinator=None,
                    num_processes=None, process_id=None, timeout=300):
-    """Join a multi-process job or split the CPU into host devices; tune malloc for XLA.
-
-    ``distributed``: call ``jax.distributed.initialize`` with the given
-    coordinator ``host:port``, process count and this process's id; left
-    out, JAX reads them from ``JAX_COORDINATOR_ADDRESS`` or from the
-    cluster (SLURM, Open MPI). Cross-process collectives on CPU go through
-    gloo. Must run before JAX's first computation: XLA fixes its devices
-    then. Raises :class:`UserError`.
-    """
+    """Split the CPU into ``host_devices`` devices, or with ``distributed`` join a
+    multi-process job through ``jax.distributed.initialize`` (coordinator, process
+    count and id given, or read by JAX from the cluster: SLURM, Open MPI). Must run
+    before JAX's first computation. Raises UserError."""
     keep_freed_memory()
-    user_set = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-    if host_devices > 1 and not user_set:
-        # Only the CPU backend is split; GPUs and TPUs are used as they are.
-        jax.config.update("jax_num_cpu_devices", host_devices)
+    if host_devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
+            "XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", host_devices)   # GPUs are used as they are
     if not distributed:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    address = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if address:
-        wait_for_coordinator(address, process_id, timeout, num_processes)
+    if coordinator:
+        meet_peers(coordinator, process_id, (num_processes or 1) - 1, timeout)
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout)
@@ -190,39 +164,30 @@ def put_batch(images, mesh):
 
 
 def learning_rate(settings, planned_steps):
-    """The learning rate as a function of the step: an optax schedule.
-
-    A linear warm-up from 0 over ``warmup`` steps to ``lr``, then a decay to
-    ``lr * lr_floor`` at step ``planned_steps``, the run's planned length:
-    half a cosine (``"cosine"``) or a geometric one (``"exponential"``);
-    ``"constant"`` is ``lr`` throughout.
-    """
-    lr, warmup = settings["lr"], settings["warmup"]
-    decay_steps = max(planned_steps - warmup, 1)
+    """The optax schedule: a linear warm-up from 0 over ``warmup`` steps to ``lr``, then
+    half a cosine (``"cosine"``) or a geometric decay (``"exponential"``) to ``lr *
+    lr_floor`` at step ``planned_steps``; ``"constant"`` stays at ``lr``."""
+    lr, warmup, floor = settings["lr"], settings["warmup"], settings["lr_floor"]
     if settings["schedule"] == "constant":
-        decay = optax.constant_schedule(lr)
-    elif settings["schedule"] == "cosine":
-        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=settings["lr_floor"])
-    else:
-        decay = optax.exponential_decay(lr, decay_steps, settings["lr_floor"],
-                                        end_value=lr * settings["lr_floor"])
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+        return optax.warmup_constant_schedule(0.0, lr, warmup)
+    if settings["schedule"] == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(planned_steps, warmup + 1),
+                                                  end_value=lr * floor)
+    return optax.warmup_exponential_decay_schedule(0.0, lr, warmup, max(planned_steps - warmup, 1),
+                                                   floor, end_value=lr * floor)
 
 
 def make_optimizer(settings, planned_steps):
-    """Adam (or RMSProp) with the :func:`learning_rate` schedule, after clipping the
-    global gradient norm to ``settings["clip"]`` (0: no clipping)."""
+    """Adam or RMSProp on the :func:`learning_rate` schedule, after clipping the global
+    gradient norm to ``clip`` (0: no clipping)."""
     clip = optax.clip_by_global_norm(settings["clip"]) if settings["clip"] > 0 else optax.identity()
     update = {"adam": optax.adam, "rmsprop": optax.rmsprop}[settings["optimizer"]]
     return optax.chain(clip, update(learning_rate(settings, planned_steps)))
 
 
 def init_state(params, optimizer):
-    """A new run's training state: parameters, optimizer state, their running average.
-
-    The average starts as a copy: the train step donates the state's buffers,
-    and one buffer cannot be donated twice.
-    """
+    """A new run's state: parameters, optimizer state and the parameters' moving average
+    (a copy: the train step donates the state's buffers, each can be donated once)."""
     return {"params": params, "opt_state": optimizer.init(params),
             "ema": jax.tree.map(jnp.copy, params)}
 
@@ -230,15 +195,13 @@ def init_state(params, optimizer):
 def make_train_step(cfg, optimizer, mesh, ema_decay):
     """The jitted update ``state, images, step -> state, loss``.
 
-    ``state = {"params", "opt_state", "ema"}``; ``step`` counts the updates
-    before this one. The loss is the mean NLL in nats per image. ``ema`` is
-    the exponential moving average of the parameters (Polyak averaging, as
-    PixelCNN++ evaluates and samples with), with the decay
-    ``min(ema_decay, (1 + step) / (10 + step))`` of TensorFlow's
-    ``ExponentialMovingAverage``, so that the first steps do not hold the
-    average near the initial parameters. The images arrive split over the
-    mesh; the results are replicated, so XLA sums the gradients across
-    devices.
+    ``step`` counts the updates before this one; the loss is the mean NLL in
+    nats per image. ``ema`` is the parameters' exponential moving average
+    (Polyak averaging, as PixelCNN++ evaluates with), with TensorFlow's
+    decay ``min(ema_decay, (1 + step) / (10 + step))`` so that the first
+    steps do not pin it to the initial parameters. The images arrive split
+    over the mesh and the results are replicated, so XLA sums the gradients
+    across devices.
     """
     def loss_fn(params, images):
         return -jnp.mean(pixelrnn.log_prob(params, cfg, images))
@@ -263,6 +226,75 @@ def make_evaluate(cfg, mesh, batch_size):
     def evaluate(params, images):
         per_image = np.concatenate([np.asarray(nll(params, put_batch(batch, mesh)))[:count]
                                     for batch, count in data.eval_batches(images, batch_size)])
-        return per_image.mean(), per_image.std(ddof=1) / np.sqrt(len(per_image))
+        se = per_image.std(ddof=1) / np.sqrt(len(per_image)) if len(per_image) > 1 else 0.0
+        return float(per_image.mean()), float(se)
 
     return evaluate
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: named arrays + a JSON record, no pickle
+# ---------------------------------------------------------------------------
+
+
+def array_name(path):
+    """A key path -> an array name in the checkpoint, e.g. ``params/layers/0/w``."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def save(path, meta, tree):
+    """Write ``tree``'s arrays, named by their paths, and the JSON ``meta`` to ``path``,
+    atomically."""
+    arrays = {array_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    with data.atomic_write(path) as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def read(path):
+    """``(meta, arrays)`` of the checkpoint at ``path``: its JSON record and ``{name:
+    array}``. A missing file, a file that is not an ``.npz`` archive or holds Python
+    objects (never unpickled) or has no record is a UserError."""
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a checkpoint: not an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in f.files}
+        meta = json.loads(str(arrays.pop("meta")))
+        pixelrnn.Config(**meta["config"])
+        return meta, arrays
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise UserError(f"{path} is not a checkpoint: it holds Python objects, "
+                            f"which are never loaded") from None
+        raise UserError(f"{path} is not a readable checkpoint ({e})") from None
+    except (OSError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def unflatten(arrays, template, source):
+    """``template``'s tree (arrays or shapes) filled from ``arrays`` by name; a missing
+    name or another shape is a UserError naming ``source``."""
+    def take(path, like):
+        name = array_name(path)
+        if name not in arrays or arrays[name].shape != like.shape:
+            raise UserError(f"{source} does not match the model config (array {name})")
+        return arrays[name].astype(like.dtype)
+    return jax.tree_util.tree_map_with_path(take, template)
+
+
+def averaged_params(meta, arrays, source):
+    """The moving average of the parameters: ``ema/...`` in a run's ``checkpoint.npz``,
+    ``params/...`` in a ``best.npz`` (which holds the average alone)."""
+    cfg = pixelrnn.Config(**meta["config"])
+    name = "ema" if any(a.startswith("ema/") for a in arrays) else "params"
+    shapes = jax.eval_shape(lambda key: pixelrnn.init(key, cfg), jax.random.PRNGKey(0))
+    return unflatten(arrays, {name: shapes}, source)[name]
+
+
+def load_params(path):
+    """``path`` -> ``(cfg, params, meta)``: a trained model's config, averaged parameters and
+    record (``meta["settings"]`` holds its dataset)."""
+    meta, arrays = read(path)
+    return pixelrnn.Config(**meta["config"]), averaged_params(meta, arrays, path), meta
