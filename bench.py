@@ -32,7 +32,7 @@ SIZES = {"rowlstm": dict(layers=7, hidden=16), "diagbilstm": dict(layers=7, hidd
 RECIPE = dict(optimizer="adam", lr=1e-3, schedule="cosine", warmup=200, lr_floor=0.05, clip=1.0)
 EMA = 0.9995
 BATCH_SIZE = 64
-WARM_UP_STEPS = 5
+WARM_UP_STEPS = 10
 TIMED_STEPS = 10
 SAMPLES = 64
 REFERENCE_STEPS = 16      # reference-sampler steps timed, then extrapolated
@@ -80,7 +80,7 @@ def forward_flops(cfg):
 
 def bench_training(cfg, batch_size):
     """``(compile seconds, seconds per step)`` of train.py's update with its defaults."""
-    mesh = training.make_mesh(batch_size, batch_size)
+    mesh = training.make_mesh(batch_size=batch_size)
     optimizer = training.make_optimizer(RECIPE, planned_steps=10_000)
     state = training.init_state(pixelrnn.init(jax.random.PRNGKey(0), cfg), optimizer)
     images = (np.random.default_rng(0).random((batch_size, cfg.height, cfg.width, 1)) < INK)
@@ -139,7 +139,8 @@ def main(argv=None):
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=pixelrnn.MODELS, default=pixelrnn.MODELS)
     parser.add_argument("--batch-size", type=training.number(int, 1), default=BATCH_SIZE)
-    parser.add_argument("--host-devices", type=training.number(int, 1), default=training.HOST_DEVICES,
+    parser.add_argument("--host-devices", type=training.number(int, 1),
+                        default=training.HOST_DEVICES,
                         help="CPU devices to split the batch over, as train.py does")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--no-sampling", dest="sampling", action="store_false",
@@ -148,7 +149,8 @@ def main(argv=None):
     training.set_up_devices(args.host_devices)
     try:
         machine = matmul_gflops()
-        rows = [bench_model(model, args.batch_size, machine, args.sampling) for model in args.models]
+        rows = [bench_model(model, args.batch_size, machine, args.sampling)
+                for model in args.models]
     except training.UserError as e:         # e.g. a batch size the devices cannot split
         parser.error(str(e))
     if args.json:

@@ -1,4 +1,4 @@
-"""Datasets, batches and PNG grids: everything between files on disk and arrays.
+"""Datasets, batches, PNG grids and SVG curves: everything between files and arrays.
 
     ds = load_dataset("mnist")                        # embedded binarized MNIST
     for index, images in train_batches(ds, 64, seed=0, epoch=0):
@@ -30,7 +30,6 @@ import os
 import pathlib
 import pickle
 import struct
-import tempfile
 import zipfile
 import zlib
 
@@ -62,7 +61,8 @@ def load_mnist_npz(data_dir=None):
     path = pathlib.Path(data_dir or EMBEDDED_DIR) / "mnist.npz"
     try:
         with np.load(path, allow_pickle=False) as f:
-            splits = {split: f[f"{split}_images"][..., None] for split in ("train", "valid", "test")}
+            splits = {split: f[f"{split}_images"][..., None]
+                      for split in ("train", "valid", "test")}
     except FileNotFoundError:
         raise DataError(f"{path} not found") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
@@ -139,6 +139,9 @@ def load_idx(data_dir):
     train, test = (read_idx_images(find_file(directory, [f"{name}-images-idx3-ubyte.gz",
                                                          f"{name}-images-idx3-ubyte"]))
                    for name in ("train", "t10k"))
+    if train.shape[1:] != test.shape[1:]:
+        raise DataError(f"the IDX training images are {train.shape[1:3]}, the test images "
+                        f"{test.shape[1:3]}: one model cannot score both")
     return hold_out_validation(train, test)
 
 
@@ -282,23 +285,21 @@ def eval_batches(images, batch_size):
 def atomic_write(path):
     """Open ``path`` for binary writing so that it is replaced all at once.
 
-    Writes go to a temporary file in the same directory, which is flushed to
-    disk and renamed over ``path`` only if the block succeeds: a crash or
-    Ctrl-C leaves either the old file or the new one, never half of one.
+    Writes go to ``.<name>.tmp`` beside it, which is flushed to disk and renamed
+    over ``path`` only if the block succeeds: a crash or Ctrl-C leaves either
+    the old file or the new one, never half of one (and at most that one
+    temporary file, which the next write replaces).
     """
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)  # mkstemp makes the file private; give it the usual permissions
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -306,7 +307,8 @@ def png_bytes(image):
     """An 8-bit PNG of ``image``: uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] == 3):
-        raise ValueError(f"PNG image must be uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+        raise ValueError(f"PNG image must be uint8 (H, W) or (H, W, 3), "
+                         f"got {image.dtype} {image.shape}")
     height, width = image.shape[:2]
     color_type = 0 if image.ndim == 2 else 2  # 0 = greyscale, 2 = RGB
 
@@ -356,3 +358,57 @@ def image_grid(images, levels, rows=None, pad=1):
         top, left = pad + (i // cols) * (height + pad), pad + (i % cols) * (width + pad)
         grid[top:top + height, left:left + width] = image
     return grid[..., 0] if channels == 1 else grid
+
+
+def curve_svg(lines, unit, paper=None):
+    """An SVG chart (plain text, no plotting library) of the validation NLL and the training
+    loss in ``unit`` against images seen; the paper's figure as a dashed line."""
+    width, height, left, right, top, bottom = 640, 400, 70, 150, 20, 50
+    series = {"validation NLL": ("#1f77b4", [(m["images"], m["valid_nll"]) for m in lines
+                                             if "valid_nll" in m]),
+              "training loss": ("#ff7f0e", [(m["images"], m["train_loss"]) for m in lines
+                                            if m.get("train_loss") is not None])}
+    xs = [x for _, points in series.values() for x, _ in points] + [1]
+    ys = [y for _, points in series.values() for _, y in points] + ([paper] if paper else [])
+    low, high = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    pad = 0.05 * (high - low) or 1.0             # keep the extremes off the axes
+    low, high, x_max = max(low - pad, 0.0), high + pad, max(xs)    # an NLL is >= 0
+
+    def px(x):
+        return left + (width - left - right) * x / x_max
+
+    def py(y):
+        return top + (height - top - bottom) * (high - y) / (high - low)
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<polyline points="{px(0)},{py(high)} {px(0)},{py(low)} {px(x_max)},{py(low)}" '
+           f'fill="none" stroke="black"/>',
+           f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">'
+           f'training images seen</text>',
+           f'<text x="{left}" y="{top - 6}" text-anchor="middle">NLL ({unit})</text>']
+    for fraction in (0, 0.5, 1):                 # ticks at both ends and the middle
+        x, y = x_max * fraction, low + (high - low) * fraction
+        svg += [f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">'
+                f'{x:,.0f}</text>',
+                f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>']
+    legend = [(f"paper: {paper}", "gray")] if paper else []
+    if paper:
+        svg.append(f'<line class="paper" x1="{px(0)}" y1="{py(paper):.1f}" x2="{px(x_max)}" '
+                   f'y2="{py(paper):.1f}" stroke="gray" stroke-dasharray="6,4"/>')
+    for name, (colour, points) in series.items():
+        kind, path = name.split()[0], " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        svg.append(f'<polyline class="{kind}" points="{path}" fill="none" stroke="{colour}"/>')
+        svg += [f'<circle class="{kind}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" '
+                f'fill="{colour}"/>' for x, y in points]
+        legend.append((name, colour))
+    svg += [f'<text x="{width - right + 8}" y="{top + 10 + 18 * i}" fill="{colour}">{text}</text>'
+            for i, (text, colour) in enumerate(legend)]
+    return "\n".join(svg + ["</svg>"]) + "\n"
+
+
+def save_curve_svg(path, lines, unit, paper=None):
+    """Write :func:`curve_svg` of a run's metrics ``lines`` to ``path``, atomically."""
+    with atomic_write(path) as f:
+        f.write(curve_svg(lines, unit, paper).encode())

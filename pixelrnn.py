@@ -193,7 +193,7 @@ def log_prob(params, cfg, images):
 
 
 def draw(key, step, step_logits):
-    """The value of sub-pixel ``step`` (raster index * C + channel) from ``step_logits (B, levels)``.
+    """Sub-pixel ``step``'s value (raster index * C + channel) from ``step_logits (B, levels)``.
 
     The key is folded with the step index, so every sampler that visits the
     same steps with the same key draws the same randomness.
@@ -266,14 +266,16 @@ def complete_reference(params, cfg, key, images, known):
 
 
 def _conv_at(params, cfg, patch, mask_type="B", blocks=1):
-    """A masked ``k x k'`` convolution at the centre of ``patch (B, k, k', F)`` -> ``(B, 1, 1, F')``."""
-    return layers.masked_conv(params, patch, cfg.channels, mask_type, padding="VALID", blocks=blocks)
+    """A masked ``k x k'`` convolution at the centre of ``patch (B, k, k', F)``:
+    ``(B, 1, 1, F')``."""
+    return layers.masked_conv(params, patch, cfg.channels, mask_type, "VALID", blocks)
 
 
 def _centred(row_map, col, span):
     """Pixels ``col - span // 2 .. col + span // 2`` of a row cache ``(B, 1, W + 2, F)``."""
     start = col + 1 - span // 2
-    return lax.dynamic_slice(row_map, (0, 0, start, 0), (row_map.shape[0], 1, span, row_map.shape[3]))
+    batch, _, _, features = row_map.shape
+    return lax.dynamic_slice(row_map, (0, 0, start, 0), (batch, 1, span, features))
 
 
 def _own_row(left, centre):
@@ -291,7 +293,8 @@ def _layer_cache(cfg, batch, **features):
 
 
 def _store(cache, values, col):
-    """Pixel ``col``'s values, after its last colour: into ``row``, and the next pixel's ``left``."""
+    """Pixel ``col``'s values, after its last colour: into ``row`` and the next pixel's
+    ``left``."""
     row = {name: lax.dynamic_update_slice(cache["row"][name], value, (0, 0, col + 1, 0))
            for name, value in values.items()}
     return dict(cache, row=row, left=values)
@@ -311,7 +314,8 @@ def _pixelcnn_cache(cfg, batch):
 
 
 def _pixelcnn_at(params, cfg, cache, x, col):
-    """:func:`layers.pixelcnn_block` at pixel ``col`` of the current row, from its input ``x (B, 1, 1, 2h)``."""
+    """:func:`layers.pixelcnn_block` at pixel ``col`` of the current row, from its input
+    ``x (B, 1, 1, 2h)``."""
     reduced = _conv_at(params["reduce"], cfg, jax.nn.relu(x))
     below = jnp.zeros((x.shape[0], 1, 3, reduced.shape[3]))               # the future
     patch = jnp.concatenate([_centred(cache["above"]["reduced"], col, 3),
@@ -330,7 +334,8 @@ def _lstm_cache(cfg, batch):
 
 
 def _row_lstm_at(params, cfg, cache, x, col):
-    """:func:`layers.row_lstm` at pixel ``col`` of the current row, from its input ``x (B, 1, 1, 2h)``."""
+    """:func:`layers.row_lstm` at pixel ``col`` of the current row, from its input
+    ``x (B, 1, 1, 2h)``."""
     above, left = cache["above"], cache["left"]
     gates = (_conv_at(params["input_to_state"], cfg, _own_row(left["input"], x), blocks=4)
              + layers.conv(params["state_to_state"], _centred(above["hidden"], col, 3), "VALID"))
@@ -369,7 +374,8 @@ def _diagonal_gates(direction, cfg, x, state_above, state_beside):
 
 
 def _diagonal_at(params, cfg, cache, x, col):
-    """:func:`layers.diagonal_bilstm` at pixel ``col`` of the current row, from its input ``x (B, 1, 1, 2h)``."""
+    """:func:`layers.diagonal_bilstm` at pixel ``col`` of the current row, from its input
+    ``x (B, 1, 1, 2h)``."""
     above, left = cache["above"], cache["left"]
     gates = _diagonal_gates(_direction(params, 0), cfg, x, _centred(above["hidden"], col, 1),
                             left["hidden"])
@@ -396,7 +402,8 @@ def _diagonal_finish_row(params, cfg, cache):
 
     above = columns(cache["mirrored"])
     zeros = jnp.zeros_like(above[0])                              # no state right of the image
-    _, hidden = lax.scan(step, (zeros, zeros), (columns(cache["row"]["input"]), above), reverse=True)
+    _, hidden = lax.scan(step, (zeros, zeros), (columns(cache["row"]["input"]), above),
+                         reverse=True)
     hidden = jnp.moveaxis(hidden[:, :, :, 0], 0, 2)               # (B, 1, W, h)
     return dict(cache, mirrored=jnp.pad(hidden, [(0, 0), (0, 0), (1, 1), (0, 0)]))
 
@@ -520,7 +527,7 @@ def fill(params, cfg, key, images, start):
 
 
 def fast_logits(params, cfg, images):
-    """:func:`logits` of ``images``, computed pixel by pixel by the fast sampler (teacher forced)."""
+    """:func:`logits` of ``images``, pixel by pixel by the fast sampler (teacher forced)."""
     everything = cfg.height * cfg.width * cfg.channels
     return fill(params, cfg, jax.random.PRNGKey(0), images, everything)[1]
 

@@ -42,7 +42,8 @@ which = parser.add_mutually_exclusive_group()
 which.add_argument("--checkpoint", type=pathlib.Path, help="a .npz written by train.py")
 which.add_argument("--model", choices=pixelrnn.MODELS,
                    help=f"this model's shipped weights (default {SHIPPED[0]})")
-parser.add_argument("--num", type=training.number(int, 1), default=NUM, help=f"samples (default {NUM})")
+parser.add_argument("--num", type=training.number(int, 1), default=NUM,
+                    help=f"samples (default {NUM})")
 parser.add_argument("--seed", type=int, default=0, help="default 0")
 parser.add_argument("--out", type=pathlib.Path, help="PNG to write (default: beside the "
                     "checkpoint; for shipped weights <model>-<kind>_seed<S>.png here)")
@@ -105,7 +106,8 @@ def draw_completions(params, cfg, key, images, completions):
     known = (cfg.height // 2) * cfg.width
     batch = np.repeat(images, completions, axis=0)
     result, compile_s, run_s = timed(
-        lambda params, key, batch: pixelrnn.complete(params, cfg, key, batch, known), params, key, batch)
+        lambda params, key, batch: pixelrnn.complete(params, cfg, key, batch, known),
+        params, key, batch)
     return result.reshape(len(images), completions, *images.shape[1:]), compile_s, run_s
 
 
@@ -115,7 +117,8 @@ def draw_completions(params, cfg, key, images, completions):
 
 
 def figure_1(images, completions, levels):
-    """The paper's Figure 1 as a uint8 grid: per row an occluded image, its completions, the original.
+    """The paper's Figure 1 as a uint8 grid: per row an occluded image, its completions and
+    the original.
 
     ``images (N, H, W, C)``, ``completions (N, K, H, W, C)``, values in
     ``[0, levels)``. The occluded half is shown in the grid's padding grey.

@@ -342,6 +342,7 @@ def mnist_like_batch():
     return digits.reshape(8, 14, 2, 14, 2).max(axis=(2, 4))[..., None].astype(np.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", pixelrnn.MODELS)
 def test_it_learns_a_fixed_batch(model):
     """A few hundred Adam steps on 8 images more than halve their NLL."""
@@ -525,6 +526,9 @@ def test_idx_loader_reads_raw_and_gzipped_files(tmp_path):
     np.testing.assert_array_equal(ds.test[..., 0], test)
     binary = data.load_dataset("idx-binary", tmp_path)
     assert binary.levels == 2 and set(np.unique(binary.test)) <= {0, 1}
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (3, 5, 5), dtype=np.uint8))
+    with pytest.raises(data.DataError, match=r"training images are \(4, 5\), the test images \(5, 5\)"):
+        data.load_dataset("idx", tmp_path)
 
 
 def test_missing_and_corrupt_data_files_raise_a_data_error(tmp_path):
@@ -726,6 +730,7 @@ def test_the_bar_and_the_validation_line_show_the_same_loss_and_speed(tiny_runs)
     last = metrics(tiny_runs[0]["full"])[-2]
     assert bar_end == f"loss {last['train_loss']:.4g} nats, {last['images_per_s']:.1f} img/s"
     assert "it/s" not in stderr and "img/s]" in stderr
+    assert "96/96 [" in results["half"][2]       # the bar's total is the run's own: 6 steps of 16
 
 
 @pytest.mark.slow
@@ -796,11 +801,14 @@ def test_curve_svg_plots_one_point_per_validation(tiny_runs):
     assert heights == sorted(heights)              # the NLL falls: lower on screen is larger y
     texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
     assert "training images seen" in texts and "NLL (nats)" in texts
+    ticks = [float(t.text) for t in svg.iter("{http://www.w3.org/2000/svg}text")
+             if t.get("text-anchor") == "end"]
+    assert len(ticks) == 3 and min(ticks) >= 0
 
 
 def test_curve_svg_draws_the_papers_figure_dashed():
     lines = [{"images": 64 * s, "valid_nll": v, "train_loss": v + 1} for s, v in [(1, 90), (2, 85)]]
-    svg = ET.fromstring(train.curve_svg(lines, "nats", paper=81.3))
+    svg = ET.fromstring(data.curve_svg(lines, "nats", paper=81.3))
     [paper] = [e for e in svg.iter("{http://www.w3.org/2000/svg}line") if e.get("class") == "paper"]
     assert paper.get("stroke-dasharray") and paper.get("y1") == paper.get("y2")
     assert "paper: 81.3" in [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
@@ -833,7 +841,7 @@ def test_evaluate_scores_a_checkpoint_with_its_standard_error(tiny_runs, compile
 TWO_DEVICE_SCAN_CHECK = """
 import sys, jax, numpy as np, layers, training, pixelrnn
 cfg = pixelrnn.Config(model=sys.argv[1], layers=2, hidden=4, out_hidden=8)
-mesh = training.make_mesh(8, 8)
+mesh = training.make_mesh(batch_size=8)
 optimizer = training.make_optimizer(dict(optimizer="adam", lr=1e-3, schedule="cosine", warmup=2,
                                           lr_floor=0.05, clip=1.0), planned_steps=10)
 images = (np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.int32)
@@ -929,6 +937,18 @@ def test_a_finished_run_resumed_with_nothing_to_do_says_so_and_changes_no_file(t
         assert files == {path: path.read_bytes() for path in run.iterdir()}
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "exponential", "constant"])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_the_schedule_warms_up_to_its_peak_then_reaches_its_floor_at_the_planned_end(schedule,
+                                                                                      warmup):
+    rate = training.learning_rate(dict(lr=1e-3, warmup=warmup, lr_floor=0.05, schedule=schedule),
+                                  planned_steps=100)
+    floor = 1e-3 if schedule == "constant" else 5e-5
+    assert float(rate(0)) == (0.0 if warmup else pytest.approx(1e-3))
+    assert float(rate(warmup)) == pytest.approx(1e-3)
+    assert float(rate(100)) == pytest.approx(floor) and float(rate(10_000)) == pytest.approx(floor)
+
+
 @pytest.mark.parametrize("given,saved,expected", [
     ({}, {"epochs": 1, "max_steps": 0}, {"epochs": 1, "max_steps": 0}),
     ({}, {"epochs": 3, "max_steps": 6}, {"epochs": 3, "max_steps": 6}),
@@ -972,10 +992,10 @@ def test_ctrl_c_saves_a_checkpoint_and_a_bare_resume_keeps_the_target(tmp_path, 
 
 
 def user_error(capsys, argv):
-    """Run ``train.main(argv)`` in this process; assert that it exits with
-    code 2 after exactly one line on stderr, and return that line."""
+    """Run ``train.main(argv)`` in this process (on 1 device unless told); assert that it
+    exits with code 2 after exactly one line on stderr, and return that line."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*argv, "--host-devices", "1"])
+        train.main(["--host-devices", "1", *argv])
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2, stderr
     assert stderr.startswith("train.py: error: ") and stderr.count("\n") == 1, stderr
@@ -1010,6 +1030,13 @@ MISTAKES = {
     "cannot write to --out": TINY + ["--out", "TMP/file/run"],
     "coordinator address 'nowhere': expected HOST:PORT":
         TINY + ["--distributed", "--coordinator", "nowhere", "--out", "NEW"],
+    "--seed: invalid int >= 0 and <= 4294967295": ["--seed", "4294967296"],
+    "--ema: invalid float >= 0 and <= 1": ["--ema", "1.5"],
+    "--out is empty": ["--out", ""],
+    "--schedule exponential cannot decay to --lr-floor 0":
+        TINY + ["--schedule", "exponential", "--lr-floor", "0", "--out", "NEW"],
+    "--evaluate scores the checkpoint's own model on its own dataset: leave out --model":
+        ["--evaluate", "RUN/best.npz", "--model", "rowlstm"],
 }
 
 
@@ -1087,6 +1114,10 @@ def test_batch_not_divisible_by_the_devices_is_one_line_in_a_real_process(tmp_pa
     assert code == 2 and "Traceback" not in stderr
     assert stderr.strip() == "train.py: error: --batch-size 15 is not divisible by the 2 devices (cpu)"
     assert not (tmp_path / "checkpoint.npz").exists()
+    code, _, stderr = wait(start_train(["--evaluate", str(ROOT / "weights" / "pixelcnn-mnist.npz"),
+                                        "--eval-batch-size", "3"], compile_cache, devices=2))
+    assert code == 2 and stderr == (
+        "train.py: error: --eval-batch-size 3 is not divisible by the 2 devices (cpu)\n")
 
 
 @pytest.mark.slow
@@ -1105,6 +1136,79 @@ def test_a_nan_loss_stops_training_and_keeps_the_checkpoint(tiny_runs, tmp_path,
         f"train.py: error: the training loss is nan at step 13; stopped without saving; "
         f"the last good checkpoint is {run / 'checkpoint.npz'}")
     assert (run / "checkpoint.npz").read_bytes() == poisoned
+
+
+@pytest.mark.slow
+def test_a_run_whose_best_validation_is_not_its_last_ends_with_the_test_nll_of_the_best(tmp_path,
+                                                                                      compile_cache):
+    code, _, stderr = wait(start_train(
+        ["--model", "pixelcnn", "--layers", "1", "--hidden", "4", "--out-hidden", "8",
+         "--batch-size", "8", "--train-subset", "24", "--eval-subset", "32", "--epochs", "6",
+         "--lr", "0.3", "--clip", "0", "--warmup", "0", "--ema", "0", "--schedule", "constant",
+         "--num-samples", "0", "--out", str(tmp_path)], compile_cache))
+    assert code == 0, stderr
+    lines = [json.loads(line, parse_constant=pytest.fail)      # strict JSON: no NaN
+             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    *validations, test = lines
+    best = min(validations, key=lambda line: line["valid_nll"])
+    assert test["best_step"] == best["step"] < validations[-1]["step"]
+
+
+@pytest.mark.slow
+def test_parameters_that_are_not_finite_are_never_saved(tmp_path, compile_cache):
+    """One step at a rate that overflows float32: its loss is finite, the parameters after it
+    are not."""
+    code, _, stderr = wait(start_train(TINY + ["--max-steps", "1", "--lr", "1e39", "--clip", "0",
+                                               "--warmup", "0", "--out", str(tmp_path)],
+                                       compile_cache))
+    assert code == train.EXIT_DIVERGED and "Traceback" not in stderr, stderr
+    assert "stopped without saving" in stderr.splitlines()[-1]
+    assert not (tmp_path / "checkpoint.npz").exists() and not (tmp_path / "best.npz").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_as_if_it_never_stopped(tmp_path, compile_cache):
+    """SIGTERM mid-run (after the first validation): exit 143 and a checkpoint; --resume then
+    ends with the parameters, average and optimizer state of a run never stopped."""
+    longer = TINY + ["--epochs", "200"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert wait(start_train(longer + ["--out", str(reference)], compile_cache))[0] == 0
+    process = start_train(longer + ["--out", str(stopped)], compile_cache)
+    while not ((stopped / "metrics.jsonl").exists() and (stopped / "metrics.jsonl").read_text()):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    code, _, stderr = wait(process)
+    assert code == 128 + signal.SIGTERM and "interrupted at step" in stderr, stderr
+    step = checkpoint_meta(stopped / "checkpoint.npz")["progress"]["step"]
+    assert 4 <= step < 800
+    assert wait(start_train(["--out", str(stopped), "--resume"], compile_cache))[0] == 0
+    want, got = (checkpoint_arrays(run / "checkpoint.npz") for run in (reference, stopped))
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_runs_started_on_one_folder_one_is_refused_and_the_other_finishes(tmp_path,
+                                                                           compile_cache):
+    runs = [start_train(TINY + ["--out", str(tmp_path)], compile_cache) for _ in range(2)]
+    (code_a, _, err_a), (code_b, _, err_b) = map(wait, runs)
+    assert sorted([code_a, code_b]) == [0, 2], (err_a, err_b)
+    refused = err_a if code_a else err_b
+    assert "in use by another train.py" in refused or "already holds a run" in refused
+    assert metrics(tmp_path)[-1]["test_nll"] > 0
+
+
+@pytest.mark.slow
+def test_resume_on_other_data_is_refused(tiny_runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs[0]["full"], run)
+    with np.load(data.EMBEDDED_DIR / "mnist.npz") as f:
+        arrays = dict(f)
+    arrays["train_images"] = arrays["train_images"][::-1]          # the same sizes, other images
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    line = user_error(capsys, ["--out", str(run), "--resume", "--epochs", "4",
+                               "--data-dir", str(tmp_path)])
+    assert "was trained on other data" in line
 
 
 # ---- the fast sampler and sample.py ----
@@ -1386,7 +1490,7 @@ def test_shipped_weights_are_small_safe_and_score_the_readme_figure(path):
     assert abs(recorded - readme_test_nll(path)) < 0.01, (recorded, readme_test_nll(path))
     test = data.load_dataset(meta["settings"]["dataset"], None, meta["settings"]["binarize"]).test
     batch = train.EVAL_BATCH_SIZE
-    nll, se = training.make_evaluate(cfg, training.make_mesh(batch, batch), batch)(
+    nll, se = training.make_evaluate(cfg, training.make_mesh(eval_batch_size=batch), batch)(
         params, test[::SHIPPED_CHECK_STRIDE])
     assert abs(nll - recorded) < 1.0, (nll, se, recorded)
 
@@ -1421,6 +1525,26 @@ def test_sample_py_completes_test_images_with_each_shipped_model(tmp_path, path)
     for row, original in enumerate(originals):
         completed = grid[1 + 29 * row:15 + 29 * row, 1 + 29:29 + 29]     # first completion, upper half
         np.testing.assert_array_equal(completed, original[:14])
+
+
+def test_the_readmes_links_and_pictures_exist():
+    for name in ("README.md", "RESULTS.md", "PERFORMANCE.md"):
+        targets = re.findall(r"\]\(([^)#\s]+)\)", (ROOT / name).read_text())
+        local = [target for target in targets if "://" not in target]
+        assert len(local) > 5 or name != "README.md"
+        assert not [target for target in local if not (ROOT / target).exists()], name
+
+
+@pytest.mark.slow
+def test_the_readmes_python_snippet_runs_as_written(tmp_path):
+    [snippet] = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (tmp_path / "weights").symlink_to(ROOT / "weights")
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr
+    nats, bits = map(float, re.fullmatch(r"([\d.]+) nats, ([\d.]+) bits/dim\n", result.stdout).groups())
+    assert 70 < nats < 95 and bits == pytest.approx(nats / (28 * 28 * np.log(2)), abs=1e-4)
+    assert read_png(tmp_path / "samples.png").shape == ((4 * 29 + 1) * 4, (4 * 29 + 1) * 4)
 
 
 # ---- speed: memory, convolutions, bench.py ----

@@ -6,26 +6,21 @@
     python train.py --init-from runs/rowlstm-mnist/best.npz --lr 3e-4 --out runs/more
     python train.py --evaluate weights/rowlstm-mnist.npz --test-seed 1
 
-The run folder (``--out``, default ``runs/<model>-<dataset>``) holds
-``config.json`` (the model, the settings, the target), ``checkpoint.npz``
-(the whole state: parameters, their moving average, optimizer state, RNG
-key, data position and record), ``best.npz`` (the averaged parameters of the
-best validation, with the run's record: what weights/ ships),
-``metrics.jsonl`` (one line per validation and one with the test NLL),
-``curve.svg`` and ``samples.png``. Every file is replaced atomically.
-
-Ctrl-C (or SIGTERM) finishes the step, saves and exits; ``--resume``
-continues bit for bit, to the run's own target unless a new one is given.
-``--init-from`` starts a new run (another batch size, learning rate or plan)
-from a checkpoint's averaged parameters and carries its record on. Each
-batch is split over every device (the GPUs of a node, or ``--host-devices``
-CPU devices); ``--distributed`` joins a multi-process job.
+The run folder holds config.json, checkpoint.npz (the whole state), best.npz
+(the best averaged parameters with the run's record: what weights/ ships),
+metrics.jsonl, curve.svg and samples.png, each replaced atomically. Ctrl-C or
+SIGTERM saves and exits; --resume continues bit for bit. --init-from starts a
+new run from a checkpoint's averaged parameters and carries its record on.
+Each batch is split over every device; --distributed joins several hosts.
 """
 
 import argparse
 import dataclasses
+import fcntl
+import hashlib
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -65,51 +60,54 @@ SETTINGS = MODEL_SETTINGS + tuple(name for name in RECIPE if name not in MODEL_S
 parser = argparse.ArgumentParser(prog="train.py", usage=argparse.SUPPRESS,
                                  description="Train a Row LSTM, Diagonal BiLSTM or PixelCNN.")
 arg = parser.add_argument
+count, positive = training.number(int, 0), training.number(int, 1)
+fraction = training.number(float, 0, maximum=1)
 arg("--model", choices=pixelrnn.MODELS, help="default rowlstm")
 arg("--dataset", choices=data.DATASETS, help=f"default {RECIPE['dataset']}")
 arg("--data-dir", help="the dataset's folder (mnist, mnist256: the embedded data/)")
-arg("--layers", type=training.number(int, 1), help="hidden layers (default: SIZES in train.py)")
-arg("--hidden", type=training.number(int, 1), help="hidden size h (default 16; 18 for RGB)")
-arg("--out-hidden", type=training.number(int, 1), help=f"head width (default {OUT_HIDDEN}; 33 for RGB)")
+arg("--layers", type=positive, help="hidden layers (default: SIZES in train.py)")
+arg("--hidden", type=positive, help="hidden size h (default: SIZES; rounded up for RGB)")
+arg("--out-hidden", type=positive, help=f"head width (default {OUT_HIDDEN}; rounded up for RGB)")
 arg("--skip", action=argparse.BooleanOptionalAction, help="skip connections (default on)")
 arg("--residual", action=argparse.BooleanOptionalAction, help="residual connections (default on)")
-arg("--batch-size", type=training.number(int, 1), help=f"global batch (default {RECIPE['batch_size']})")
+arg("--batch-size", type=positive, help=f"global batch (default {RECIPE['batch_size']})")
 arg("--optimizer", choices=("adam", "rmsprop"), help=f"default {RECIPE['optimizer']}")
-arg("--lr", type=training.number(float, 0, strict=True), help=f"peak learning rate (default {RECIPE['lr']})")
+arg("--lr", type=training.number(float, 0, strict=True), help=f"peak rate ({RECIPE['lr']})")
 arg("--schedule", choices=("cosine", "exponential", "constant"),
     help="after the warm-up, decay to lr * --lr-floor at the end of --epochs (a new --epochs "
          "on --resume moves the rate onto the new curve at once); default cosine")
-arg("--warmup", type=training.number(int, 0), help=f"linear warm-up steps (default {RECIPE['warmup']})")
-arg("--lr-floor", type=training.number(float, 0), help=f"final lr / lr (default {RECIPE['lr_floor']})")
-arg("--ema", type=training.number(float, 0), help="decay of the parameters' moving average used to "
-                                         f"validate, test and sample; 0: none ({RECIPE['ema']})")
-arg("--clip", type=training.number(float, 0), help=f"gradient-norm clip, 0: none ({RECIPE['clip']})")
-arg("--seed", type=training.number(int, 0), help=f"default {RECIPE['seed']}")
+arg("--warmup", type=count, help=f"linear warm-up steps (default {RECIPE['warmup']})")
+arg("--lr-floor", type=fraction, help=f"final lr / lr (default {RECIPE['lr_floor']})")
+arg("--ema", type=fraction, help=f"decay of the parameters' moving average that validation, "
+                                 f"test and samples use; 0: none (default {RECIPE['ema']})")
+arg("--clip", type=training.number(float, 0), help=f"gradient-norm clip, 0: none "
+                                                   f"({RECIPE['clip']})")
+arg("--seed", type=training.number(int, 0, maximum=2**32 - 1), help="default 0")
 arg("--binarize", choices=("fresh", "fixed"), help="binary data: a new binarization of every "
                                                    "training batch, or one fixed (default fresh)")
-arg("--train-subset", type=training.number(int, 0), help="train on the first N images only (0: all)")
-arg("--eval-subset", type=training.number(int, 0), help="validate and test on the first N images only")
-arg("--epochs", type=training.number(int, 1), help=f"default {EPOCHS}; on --resume the run's own")
-arg("--max-steps", type=training.number(int, 0), help="stop after N steps in all (0: no limit); the "
-                                             "schedule still plans for --epochs")
-arg("--eval-batch-size", type=training.number(int, 1), default=EVAL_BATCH_SIZE)
-arg("--num-samples", type=training.number(int, 0), default=NUM_SAMPLES, help="images in samples.png")
-arg("--save-every", type=training.number(int, 1), default=SAVE_EVERY, help="steps between checkpoints")
+arg("--train-subset", type=count, help="train on the first N images only (0: all)")
+arg("--eval-subset", type=count, help="validate and test on the first N images only")
+arg("--epochs", type=positive, help=f"default {EPOCHS}; on --resume the run's own")
+arg("--max-steps", type=count, help="stop after N steps in all (0: no limit); the schedule "
+                                    "still plans for --epochs")
+arg("--eval-batch-size", type=positive, default=EVAL_BATCH_SIZE)
+arg("--num-samples", type=count, default=NUM_SAMPLES, help="images in samples.png")
+arg("--save-every", type=positive, default=SAVE_EVERY, help="steps between checkpoints")
 arg("--out", help="run folder (default runs/<model>-<dataset>)")
 arg("--resume", action="store_true", help="continue the run in --out")
 arg("--init-from", type=pathlib.Path, metavar="CKPT",
     help="a new run from CKPT's averaged parameters, model, dataset and (unless given) settings")
 arg("--evaluate", type=pathlib.Path, metavar="CKPT",
     help="train nothing: CKPT's validation and test NLL with standard errors")
-arg("--test-seed", type=training.number(int, 0), help="--evaluate: binarize the test set with this seed")
-arg("--host-devices", type=training.number(int, 1), default=training.HOST_DEVICES,
+arg("--test-seed", type=count, help="--evaluate: binarize the test set with this seed")
+arg("--host-devices", type=positive, default=training.HOST_DEVICES,
     help=f"CPU only: devices to split each batch over (default {training.HOST_DEVICES})")
 arg("--distributed", action="store_true", help="join a multi-process job (several hosts)")
 arg("--coordinator", help="--distributed: HOST:PORT of process 0 (else JAX_COORDINATOR_ADDRESS, "
                           "SLURM or Open MPI)")
-arg("--num-processes", type=training.number(int, 1), help="--distributed: processes in the job")
-arg("--process-id", type=training.number(int, 0), help="--distributed: this process's id, 0 to N-1")
-arg("--coordinator-timeout", type=training.number(int, 1), default=300, help="seconds (default 300)")
+arg("--num-processes", type=positive, help="--distributed: processes in the job")
+arg("--process-id", type=count, help="--distributed: this process's id, 0 to N-1")
+arg("--coordinator-timeout", type=positive, default=300, help="seconds (default 300)")
 
 
 class Diverged(Exception):
@@ -140,12 +138,14 @@ class Run:
     target: dict               # {"epochs", "max_steps"}: where it stops
     cfg: pixelrnn.Config
     ds: data.Dataset
+    data_id: dict              # which images: see fingerprint
     mesh: jax.sharding.Mesh
     progress: Progress
     state: dict                # {"params", "opt_state", "ema"}, replicated over the mesh
     optimizer: object          # an optax.GradientTransformation
     rng: jax.Array = None      # the key samples.png is drawn with
     best: dict = None          # the averaged parameters of the best validation so far
+    lock: object = None        # the open run folder's lock file (process 0)
 
     @property
     def steps_per_epoch(self):
@@ -153,7 +153,8 @@ class Run:
 
     @property
     def last_step(self):
-        return min(self.target["epochs"] * self.steps_per_epoch, self.target["max_steps"] or math.inf)
+        planned = self.target["epochs"] * self.steps_per_epoch
+        return min(planned, self.target["max_steps"] or math.inf)
 
     def save(self, name="checkpoint.npz"):
         """``checkpoint.npz`` (the whole state) or ``best.npz`` (the best averaged parameters),
@@ -164,7 +165,7 @@ class Run:
                            f"without saving {self.out / name}")
         if jax.process_index() == 0:
             meta = {"settings": self.settings, "target": self.target,
-                    "config": dataclasses.asdict(self.cfg),
+                    "config": dataclasses.asdict(self.cfg), "data": self.data_id,
                     "progress": dataclasses.asdict(self.progress)}
             training.save(self.out / name, meta, tree)
 
@@ -178,15 +179,16 @@ def resolve_settings(args, saved, source):
     """The command line, else the resumed run's (``saved``), else the ``--init-from``
     checkpoint's (``source``: its model and dataset must stay), else the defaults."""
     given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
-    base = saved or source
     for name, value in given.items():
-        if base and value != base[name] and (saved or name in MODEL_SETTINGS + ("dataset",)):
-            raise UserError(f"--{name.replace('_', '-')} {value} does not match "
-                            f"{'the checkpoint' if saved else args.init_from} ({name}="
-                            f"{base[name]}); " + ("leave it out to continue the run" if saved else
-                                                  "--init-from keeps the model and the dataset"))
-    if base:
-        return {**base, **given}
+        flag = f"--{name.replace('_', '-')} {value}"
+        if saved and value != saved[name]:
+            raise UserError(f"{flag} does not match the checkpoint ({name}={saved[name]}); "
+                            f"leave it out to continue the run")
+        if source and name in MODEL_SETTINGS + ("dataset",) and value != source[name]:
+            raise UserError(f"{flag} does not match {args.init_from} ({name}={source[name]}); "
+                            f"--init-from keeps the model and the dataset")
+    if saved or source:
+        return {**(saved or source), **given}
     model = given.get("model", "rowlstm")
     return {**RECIPE, "model": model, **SIZES[model], "out_hidden": OUT_HIDDEN, **given}
 
@@ -202,6 +204,8 @@ def resolve_target(args, saved):
 def load_data_and_config(settings, args):
     """The dataset (cut to the subsets) and the model config for its images; sizes that
     do not split into R, G, B thirds are rounded up, and ``settings`` records them."""
+    if settings["schedule"] == "exponential" and settings["lr_floor"] == 0:
+        raise UserError("--schedule exponential cannot decay to --lr-floor 0: give a floor > 0")
     if args.binarize and data.DATASETS[settings["dataset"]].levels != 2:
         raise UserError(f"--binarize is for binary datasets (mnist, idx-binary), "
                         f"not {settings['dataset']}")
@@ -231,6 +235,8 @@ def start_run(args):
     source = training.read(args.init_from) if args.init_from else None
     model = args.model or (source[0]["settings"]["model"] if source else "rowlstm")
     dataset = args.dataset or (source[0]["settings"]["dataset"] if source else RECIPE["dataset"])
+    if args.out == "":
+        raise UserError("--out is empty: name a run folder")
     out = pathlib.Path(args.out or f"runs/{model}-{dataset}")
     path = out / "checkpoint.npz"
     if path.exists() != args.resume:
@@ -238,16 +244,22 @@ def start_run(args):
                         f"another --out" if path.exists() else f"no checkpoint to resume: "
                         f"{path} does not exist")
     saved = training.read(path) if args.resume else None
-    settings = resolve_settings(args, saved and saved[0]["settings"], source and source[0]["settings"])
+    settings = resolve_settings(args, saved and saved[0]["settings"],
+                                source and source[0]["settings"])
     target = resolve_target(args, saved and saved[0]["target"])
     ds, cfg = load_data_and_config(settings, args)
     for record, where in ((saved, path), (source, args.init_from)):
         if record and pixelrnn.Config(**record[0]["config"]) != cfg:
             raise UserError(f"{where} was written for another model config: {record[0]['config']}")
-    mesh = training.make_mesh(settings["batch_size"], args.eval_batch_size)
+    data_id = fingerprint(ds)
+    if saved and saved[0].get("data", data_id) != data_id:        # (older checkpoints: no record)
+        raise UserError(f"{out} was trained on other data ({saved[0]['data']}), not on these "
+                        f"{settings['dataset']} images ({data_id}): check --data-dir")
+    mesh = training.make_mesh(batch_size=settings["batch_size"],
+                              eval_batch_size=args.eval_batch_size)
     optimizer = training.make_optimizer(settings, target["epochs"] * data.steps_per_epoch(
         ds, settings["batch_size"]))
-    run = Run(args, out, settings, target, cfg, ds, mesh, Progress(), None, optimizer)
+    run = Run(args, out, settings, target, cfg, ds, data_id, mesh, Progress(), None, optimizer)
     restore_state(run, saved, source)
     if run.progress.tested and run.progress.step >= run.last_step:
         print(f"{out} has already trained to {describe_target(run)} and been tested; nothing "
@@ -297,6 +309,14 @@ def write_config(run):
         return
     try:
         run.out.mkdir(parents=True, exist_ok=True)
+        run.lock = open(run.out / ".lock", "w")       # released by the OS when the process ends
+        try:
+            fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run.out} is in use by another train.py: wait for it to end or "
+                            f"choose another --out") from None
+        for stale in run.out.glob(".*.tmp"):         # left by a write that was killed
+            stale.unlink()
         text = json.dumps({"config": dataclasses.asdict(run.cfg), "settings": run.settings,
                            "target": run.target}, indent=2) + "\n"
         with data.atomic_write(run.out / "config.json") as f:
@@ -304,6 +324,16 @@ def write_config(run):
         write_record(run)
     except OSError as e:
         raise UserError(f"cannot write to --out {run.out}: {e.strerror or e}") from None
+
+
+def fingerprint(ds):
+    """Which images a run trains on: the split sizes and a hash of the arrays (a resumed
+    run refuses other data)."""
+    digest = hashlib.sha256()
+    for split in (ds.train, ds.valid, ds.test):
+        digest.update(np.ascontiguousarray(split).data)
+    return {"name": ds.name, "sizes": [len(ds.train), len(ds.valid), len(ds.test)],
+            "sha256": digest.hexdigest()[:16]}
 
 
 def write_record(run):
@@ -314,54 +344,7 @@ def write_record(run):
     shipped_size = run.cfg == pixelrnn.Config(model=run.cfg.model, **SIZES[run.cfg.model])
     paper = PAPER_MNIST_NLL[run.cfg.model] if run.settings["dataset"] == "mnist" and shipped_size \
         else None
-    with data.atomic_write(run.out / "curve.svg") as f:
-        f.write(curve_svg(lines, nll_unit(run.cfg)[0], paper).encode())
-
-
-def curve_svg(lines, unit, paper=None):
-    """An SVG chart (plain text, no plotting library) of the validation NLL and the training
-    loss in ``unit`` against images seen; the paper's figure as a dashed line."""
-    width, height, left, right, top, bottom = 640, 400, 70, 150, 20, 50
-    series = {"validation NLL": ("#1f77b4", [(m["images"], m["valid_nll"]) for m in lines
-                                             if "valid_nll" in m]),
-              "training loss": ("#ff7f0e", [(m["images"], m["train_loss"]) for m in lines
-                                            if m.get("train_loss") is not None])}
-    xs = [x for _, points in series.values() for x, _ in points] + [1]
-    ys = [y for _, points in series.values() for _, y in points] + ([paper] if paper else [])
-    low, high = (min(ys), max(ys)) if ys else (0.0, 1.0)
-    pad = 0.05 * (high - low) or 1.0             # keep the extremes off the axes
-    low, high, x_max = low - pad, high + pad, max(xs)
-
-    def px(x):
-        return left + (width - left - right) * x / x_max
-
-    def py(y):
-        return top + (height - top - bottom) * (high - y) / (high - low)
-
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<polyline points="{px(0)},{py(high)} {px(0)},{py(low)} {px(x_max)},{py(low)}" '
-           f'fill="none" stroke="black"/>',
-           f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">'
-           f'training images seen</text>',
-           f'<text x="{left}" y="{top - 6}" text-anchor="middle">NLL ({unit})</text>']
-    for fraction in (0, 0.5, 1):                 # ticks at both ends and the middle
-        x, y = x_max * fraction, low + (high - low) * fraction
-        svg += [f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:,.0f}'
-                f'</text>', f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>']
-    legend = [(f"paper: {paper}", "gray")] if paper else []
-    if paper:
-        svg.append(f'<line class="paper" x1="{px(0)}" y1="{py(paper):.1f}" x2="{px(x_max)}" '
-                   f'y2="{py(paper):.1f}" stroke="gray" stroke-dasharray="6,4"/>')
-    for name, (colour, points) in series.items():
-        kind, path = name.split()[0], " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
-        svg.append(f'<polyline class="{kind}" points="{path}" fill="none" stroke="{colour}"/>')
-        svg += [f'<circle class="{kind}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" '
-                f'fill="{colour}"/>' for x, y in points]
-        legend.append((name, colour))
-    svg += [f'<text x="{width - right + 8}" y="{top + 10 + 18 * i}" fill="{colour}">{text}</text>'
-            for i, (text, colour) in enumerate(legend)]
-    return "\n".join(svg + ["</svg>"]) + "\n"
+    data.save_curve_svg(run.out / "curve.svg", lines, nll_unit(run.cfg)[0], paper)
 
 
 def describe_target(run):
@@ -399,8 +382,10 @@ def catch_stop_signals():
 
     def handle(signum, frame):
         caught.append(signum)
-        if len(caught) > 1:
-            raise KeyboardInterrupt
+        if len(caught) > 1:            # now, not unwinding through XLA's C++ (that can crash)
+            print("train.py: interrupted again: stopped without saving", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handle)
     return caught
@@ -461,6 +446,8 @@ def validate(run, evaluate, speed):
     best so far, checkpoint.npz."""
     p, (unit, factor) = run.progress, nll_unit(run.cfg)
     valid, se = evaluate(run.state["ema"], run.ds.valid)
+    if not math.isfinite(valid):
+        raise Diverged(f"the validation NLL is {valid} at step {p.step}; stopped without saving")
     loss = mean_loss(p)
     line = {"epoch": round(p.step / run.steps_per_epoch, 4), "step": p.step,
             "images": p.images_before + p.step * run.settings["batch_size"], "unit": unit,
@@ -534,7 +521,8 @@ def train(args):
     images = run.settings["batch_size"]
     with tqdm(total=run.last_step * images, initial=p.step * images, unit="img",
               disable=jax.process_index() != 0,
-              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]") as bar:
+              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+              ) as bar:
         while p.step < run.last_step and not stop:
             bar.set_description(f"epoch {p.epoch + 1}/{run.target['epochs']}")
             speed = train_epoch(run, train_step, bar, stop)
@@ -556,11 +544,15 @@ def train(args):
 
 def evaluate_checkpoint(args):
     """``--evaluate``: a checkpoint's validation and test NLL, ± standard errors over images."""
+    ignored = [flag for flag in ("model", "dataset", "resume", "init_from") if getattr(args, flag)]
+    if ignored:
+        raise UserError(f"--evaluate scores the checkpoint's own model on its own dataset: leave "
+                        f"out --{ignored[0].replace('_', '-')}")
     training.set_up_devices(args.host_devices)
     cfg, params, meta = training.load_params(args.evaluate)
     settings = meta["settings"]
     ds = data.load_dataset(settings["dataset"], args.data_dir, settings["binarize"], args.test_seed)
-    mesh = training.make_mesh(args.eval_batch_size, args.eval_batch_size)
+    mesh = training.make_mesh(eval_batch_size=args.eval_batch_size)
     evaluate = training.make_evaluate(cfg, mesh, args.eval_batch_size)
     params = jax.device_put(params, training.replicated(mesh))
     (unit, factor), n = nll_unit(cfg), args.eval_subset or None
@@ -581,8 +573,12 @@ def main(argv=None):
         parser.error(" ".join(str(e).split()))
     except Diverged as e:
         parser.exit(EXIT_DIVERGED, f"train.py: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, "train.py: interrupted again: stopped without saving\n")
+    except OSError as e:               # a full disk, a folder removed under the run
+        parser.error(f"cannot write {e.filename}: {e.strerror or e}")
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        parser.error("out of memory: give a smaller --batch-size or --eval-batch-size")
 
 
 if __name__ == "__main__":

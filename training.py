@@ -1,30 +1,21 @@
-"""What train.py, sample.py and bench.py share: devices, the update step, checkpoints.
+"""What the scripts share: devices, the update step, the evaluation, checkpoints.
 
-    training.set_up_devices(host_devices=2)       # before JAX's first computation
-    mesh = training.make_mesh(batch_size=16, eval_batch_size=256)
-    optimizer = training.make_optimizer(settings, planned_steps=31_250)
-    state = training.init_state(pixelrnn.init(key, cfg), optimizer)
-    train_step = training.make_train_step(cfg, optimizer, mesh, ema_decay=0.9995)
-    state, loss = train_step(state, training.put_batch(images, mesh), step)
-    cfg, params, meta = training.load_params("weights/rowlstm-mnist.npz")
-
-Data parallelism: every device of every process holds one slice of each
-batch (a 1-D ``jax.sharding.Mesh`` named ``data``); parameters and optimizer
-state are replicated, and one jitted step sums the gradients across devices
-(XLA inserts the all-reduce). The same code runs on one CPU split into host
-devices, on the GPUs of a node, and on several hosts.
-
-A checkpoint is a plain ``.npz`` file: every array named by its path in the
-tree it came from (``params/layers/0/input_to_state/w``, ``opt_state/...``,
-``ema/...``, ``rng``) and one entry ``meta`` holding the model config and the
-run's record as JSON. It loads with ``np.load(path, allow_pickle=False)``:
-nothing is unpickled, so opening a checkpoint never runs code from it.
+Data parallelism: every device of every process holds one slice of each batch
+(a 1-D ``jax.sharding.Mesh`` named ``data``); parameters and optimizer state
+are replicated, and one jitted step sums the gradients across devices (XLA
+inserts the all-reduce): one code path for the host devices of a CPU, the
+GPUs of a node and several hosts. A checkpoint is a plain ``.npz``: each
+array named by its path in its tree (``params/layers/0/input_to_state/w``,
+``opt_state/...``, ``ema/...``, ``rng``) and ``meta``, the model config and the
+run's record as JSON. It loads with ``allow_pickle=False``: nothing is
+unpickled, so opening a checkpoint never runs code from it.
 """
 
 import ctypes
 import json
 import math
 import os
+import pathlib
 import socket
 import time
 import zipfile
@@ -43,14 +34,17 @@ class UserError(Exception):
     """A mistake the user can fix (a flag, a file, a folder): one line, exit code 2."""
 
 
-def number(kind, minimum, strict=False):
-    """An argparse type: a finite ``kind`` (int or float) >= ``minimum`` (> if ``strict``)."""
+def number(kind, minimum, strict=False, maximum=math.inf):
+    """An argparse type: a finite ``kind`` (int or float) from ``minimum`` (excluded if
+    ``strict``) to ``maximum``."""
     def parse(text):
         value = kind(text)
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        if not math.isfinite(value) or value > maximum or value < minimum or (
+                strict and value == minimum):
             raise ValueError(text)
         return value
-    parse.__name__ = f"{kind.__name__} {'>' if strict else '>='} {minimum}"
+    parse.__name__ = f"{kind.__name__} {'>' if strict else '>='} {minimum}" + (
+        f" and <= {maximum}" if maximum < math.inf else "")
     return parse
 
 
@@ -65,13 +59,10 @@ HOST_DEVICES = 1 << (CORES.bit_length() - 1)
 
 
 def keep_freed_memory():
-    """Make glibc's malloc keep freed memory for reuse instead of unmapping it.
-
-    XLA:CPU mallocs each step's scratch buffers (hundreds of MB) from its
-    worker threads; glibc would ``mmap`` each and unmap it on ``free``, so
-    every step would page-fault all of it in again (PERFORMANCE.md). Must run
-    before JAX starts its threads; a no-op where the C library is not glibc.
-    """
+    """Make glibc's malloc keep freed memory instead of unmapping it: XLA:CPU mallocs
+    each step's scratch buffers (hundreds of MB), and glibc would ``mmap`` each and
+    page-fault it all in again every step (PERFORMANCE.md). Must run before JAX starts
+    its threads; a no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -134,13 +125,14 @@ def set_up_devices(host_devices=HOST_DEVICES, distributed=False, coordinator=Non
                         f"and --process-id, or run under SLURM or Open MPI)") from None
 
 
-def make_mesh(batch_size, eval_batch_size):
-    """A 1-D ``data`` mesh over every device; both batch sizes must split evenly over it."""
+def make_mesh(**batch_sizes):
+    """A 1-D ``data`` mesh over every device; each batch size (keyword: its flag) must split
+    evenly over it."""
     devices = jax.devices()
-    for flag, size in (("--batch-size", batch_size), ("--eval-batch-size", eval_batch_size)):
+    for flag, size in batch_sizes.items():
         if size % len(devices):
-            raise UserError(f"{flag} {size} is not divisible by the {len(devices)} devices "
-                            f"({devices[0].platform})")
+            raise UserError(f"--{flag.replace('_', '-')} {size} is not divisible by the "
+                            f"{len(devices)} devices ({devices[0].platform})")
     return Mesh(np.array(devices), ("data",))
 
 
@@ -168,8 +160,9 @@ def learning_rate(settings, planned_steps):
     half a cosine (``"cosine"``) or a geometric decay (``"exponential"``) to ``lr *
     lr_floor`` at step ``planned_steps``; ``"constant"`` stays at ``lr``."""
     lr, warmup, floor = settings["lr"], settings["warmup"], settings["lr_floor"]
-    if settings["schedule"] == "constant":
-        return optax.warmup_constant_schedule(0.0, lr, warmup)
+    if settings["schedule"] == "constant":      # (optax's warmup_constant_schedule stays at 0
+        return optax.join_schedules(             # when warmup is 0, as optax 0.2.8 has it)
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
     if settings["schedule"] == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(planned_steps, warmup + 1),
                                                   end_value=lr * floor)
@@ -245,7 +238,8 @@ def array_name(path):
 def save(path, meta, tree):
     """Write ``tree``'s arrays, named by their paths, and the JSON ``meta`` to ``path``,
     atomically."""
-    arrays = {array_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    arrays = {array_name(path): np.asarray(leaf) for path, leaf in leaves}
     with data.atomic_write(path) as f:
         np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -254,6 +248,7 @@ def read(path):
     """``(meta, arrays)`` of the checkpoint at ``path``: its JSON record and ``{name:
     array}``. A missing file, a file that is not an ``.npz`` archive or holds Python
     objects (never unpickled) or has no record is a UserError."""
+    path = pathlib.Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     if not zipfile.is_zipfile(path):
