@@ -2,21 +2,18 @@
 
     python bench.py                              # all three models
     python bench.py --models rowlstm --json      # one JSON object per model
-    python bench.py --no-sampling --host-devices 1
 
-Per model: the train step's compile time, median time and images/s (after a
-few warm-up steps); the forward FLOPs per image from the layer shapes (only
-the kernel taps the masks leave: the ones computed), and the train step's
-GFLOP/s (3x forward) as a fraction of this machine's dense fp32 matmul rate;
-sampling 64 images with the fast sampler and the full-recompute reference
-(its last steps timed and extrapolated: each step is a whole forward pass).
-Run it on an idle machine; PERFORMANCE.md says how to compare and profile.
+Per model, at the sizes every implementation is compared at: train.py's step
+(compile time, median time, images/s), its GFLOP/s (3x the forward FLOPs counted
+from the layer shapes) as a fraction of this machine's dense fp32 matmul rate,
+and the fast sampler's time for 64 images. Run it on an idle machine.
 """
 
 import argparse
 import json
 import statistics
 import time
+import timeit
 
 import jax
 import jax.numpy as jnp
@@ -35,18 +32,12 @@ BATCH_SIZE = 64
 WARM_UP_STEPS = 10
 TIMED_STEPS = 10
 SAMPLES = 64
-REFERENCE_STEPS = 16      # reference-sampler steps timed, then extrapolated
 INK = 0.13                # fraction of binarized MNIST pixels that are 1
 
 
 def median_seconds(run, repeats):
     """Median wall time of ``run()`` (which must block until its result is ready)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(run, number=1, repeat=repeats))
 
 
 def matmul_gflops(size=2048):
@@ -78,6 +69,12 @@ def forward_flops(cfg):
     return 2 * (input_layer + cfg.layers * layer + head)
 
 
+def compiled(function, *args):
+    """A jitted ``function`` compiled for ``args``, and the seconds compiling took."""
+    start = time.perf_counter()
+    return function.lower(*args).compile(), time.perf_counter() - start
+
+
 def bench_training(cfg, batch_size):
     """``(compile seconds, seconds per step)`` of train.py's update with its defaults."""
     mesh = training.make_mesh(batch_size=batch_size)
@@ -85,10 +82,8 @@ def bench_training(cfg, batch_size):
     state = training.init_state(pixelrnn.init(jax.random.PRNGKey(0), cfg), optimizer)
     images = (np.random.default_rng(0).random((batch_size, cfg.height, cfg.width, 1)) < INK)
     images = training.put_batch(images.astype(np.uint8), mesh)
-    train_step = training.make_train_step(cfg, optimizer, mesh, EMA)
-    start = time.perf_counter()
-    step = train_step.lower(state, images, 0).compile()
-    compile_seconds = time.perf_counter() - start
+    step, compile_seconds = compiled(training.make_train_step(cfg, optimizer, mesh, EMA),
+                                     state, images, 0)
     holder = [state]                                  # the step donates the state
 
     def one_step():
@@ -97,21 +92,6 @@ def bench_training(cfg, batch_size):
 
     median_seconds(one_step, WARM_UP_STEPS)
     return compile_seconds, median_seconds(one_step, TIMED_STEPS)
-
-
-def bench_sampling(cfg, num):
-    """Fast sampler ``(compile s, run s)`` and the reference sampler's extrapolated run time."""
-    params, key = pixelrnn.init(jax.random.PRNGKey(0), cfg), jax.random.PRNGKey(1)
-    start = time.perf_counter()
-    fast = jax.jit(pixelrnn.sample, static_argnums=(1, 3)).lower(params, cfg, key, num).compile()
-    compile_seconds = time.perf_counter() - start
-    fast_seconds = median_seconds(lambda: fast(params, key).block_until_ready(), 3)
-    steps = cfg.height * cfg.width * cfg.channels
-    canvas = jnp.zeros((num, cfg.height, cfg.width, cfg.channels), jnp.int32)
-    last = jax.jit(lambda p, k, c: pixelrnn.fill_reference(p, cfg, k, c, steps - REFERENCE_STEPS))
-    last(params, key, canvas).block_until_ready()
-    per_step = median_seconds(lambda: last(params, key, canvas).block_until_ready(), 3)
-    return compile_seconds, fast_seconds, per_step / REFERENCE_STEPS * steps
 
 
 def bench_model(model, batch_size, machine_gflops, sampling=True):
@@ -126,11 +106,12 @@ def bench_model(model, batch_size, machine_gflops, sampling=True):
            "train_images_per_s": round(images_per_second, 1),
            "forward_mflops_per_image": round(flops / 1e6, 1), "train_gflops": round(achieved, 2),
            "fraction_of_matmul_peak": round(achieved / machine_gflops, 4)}
-    if sampling:
-        compile_s, fast_s, reference_s = bench_sampling(cfg, SAMPLES)
-        row.update({f"sample_{SAMPLES}_compile_s": round(compile_s, 1),
-                    f"sample_{SAMPLES}_fast_s": round(fast_s, 2),
-                    f"sample_{SAMPLES}_reference_s": round(reference_s, 1)})
+    if sampling:                      # the fast sampler
+        params, key = pixelrnn.init(jax.random.PRNGKey(0), cfg), jax.random.PRNGKey(1)
+        sample, seconds = compiled(jax.jit(pixelrnn.sample, static_argnums=(1, 3)),
+                                   params, cfg, key, SAMPLES)
+        row.update({f"sample_{SAMPLES}_compile_s": round(seconds, 1), f"sample_{SAMPLES}_s":
+                    round(median_seconds(lambda: sample(params, key).block_until_ready(), 3), 2)})
     return row
 
 
@@ -140,8 +121,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", choices=pixelrnn.MODELS, default=pixelrnn.MODELS)
     parser.add_argument("--batch-size", type=training.number(int, 1), default=BATCH_SIZE)
     parser.add_argument("--host-devices", type=training.number(int, 1),
-                        default=training.HOST_DEVICES,
-                        help="CPU devices to split the batch over, as train.py does")
+                        default=training.HOST_DEVICES, help="as train.py's")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--no-sampling", dest="sampling", action="store_false",
                         help="time the train step only")

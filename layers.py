@@ -15,8 +15,10 @@ residual block (section 3.5 / Figure 5) and the output head (section 3.4).
 Those are the definitions, and what the model's path reads. The last section
 holds faster equivalents (im2col convolutions on the CPU, the recurrent
 layers' state-to-state gradient after the scan) and swaps them in at one
-place, its last line: a reader learning the model can stop before it.
+place, the end of the file: a reader learning the model can stop before it.
 """
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -467,9 +469,12 @@ def diagonal_lstm_kernel_gradient(kernel, hidden, d_gates):
 
 
 # ---------------------------------------------------------------------------
-# The swap: the one place where the speed paths replace the definitions.
-# The layers above look these names up when they run, so from here on they
-# call the faster versions; delete the last line to run the definitions.
+# The swap: the one place where the speed paths replace the definitions. The
+# layers above look these names up when they run. The convolution is swapped
+# for good. The scans are swapped only while a gradient is traced inside
+# fast_gradients() (the train step is), because forward-mode autodiff
+# (jax.jvp, jax.jacfwd) cannot pass a custom VJP. Delete the swaps to run the
+# definitions everywhere.
 # ---------------------------------------------------------------------------
 
 DEFINITIONS = {"conv": conv, "row_lstm_scan": row_lstm_scan,
@@ -480,4 +485,18 @@ SPEED_PATHS = {
     "diagonal_lstm_scan": kernel_gradient_after_scan(diagonal_lstm_scan,
                                                      diagonal_lstm_kernel_gradient),
 }
-conv, row_lstm_scan, diagonal_lstm_scan = (SPEED_PATHS[name] for name in DEFINITIONS)
+conv = SPEED_PATHS["conv"]
+
+
+@contextlib.contextmanager
+def fast_gradients():
+    """Within it, the recurrent layers run the scans whose kernel gradient comes after the
+    backward scan: trace a reverse-mode gradient inside it."""
+    global row_lstm_scan, diagonal_lstm_scan
+    row_lstm_scan, diagonal_lstm_scan = (SPEED_PATHS["row_lstm_scan"],
+                                         SPEED_PATHS["diagonal_lstm_scan"])
+    try:
+        yield
+    finally:
+        row_lstm_scan, diagonal_lstm_scan = (DEFINITIONS["row_lstm_scan"],
+                                             DEFINITIONS["diagonal_lstm_scan"])

@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import data
+import layers
 import pixelrnn
 
 
@@ -200,7 +201,8 @@ def make_train_step(cfg, optimizer, mesh, ema_decay):
         return -jnp.mean(pixelrnn.log_prob(params, cfg, images))
 
     def train_step(state, images, step):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], images)
+        with layers.fast_gradients():                 # the recurrent layers' speed path
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"], images)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
