@@ -830,6 +830,9 @@ def test_evaluate_scores_a_checkpoint_with_its_standard_error(tiny_runs, compile
         assert name in ("valid", "test") and unit == "nats"
         assert float(mean) == pytest.approx(nll.mean(), abs=2e-4)
         assert float(se) == pytest.approx(nll.std(ddof=1) / np.sqrt(32), abs=5e-3)
+    one = wait(start_train(["--evaluate", str(best), "--eval-subset", "1", "--eval-batch-size", "1"],
+                           compile_cache))[1]
+    assert one.count(" ± 0.00 nats (1 images)") == 2 and "nan" not in one
     other = wait(start_train(["--evaluate", str(best), "--eval-subset", "32", "--test-seed", "1"],
                              compile_cache))[1].splitlines()
     assert other[0] == stdout.splitlines()[0] and other[1] != stdout.splitlines()[1]
@@ -1207,6 +1210,14 @@ def test_two_runs_started_on_one_folder_one_is_refused_and_the_other_finishes(tm
     refused = err_a if code_a else err_b
     assert "in use by another train.py" in refused or "already holds a run" in refused
     assert metrics(tmp_path)[-1]["test_nll"] > 0
+
+
+@pytest.mark.slow
+def test_a_new_run_removes_the_temporary_files_a_killed_write_left(tmp_path, compile_cache):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".checkpoint.npz.k3j9x2.tmp").write_bytes(b"half a checkpoint")    # as mkstemp named them
+    assert wait(start_train(TINY + ["--out", str(tmp_path)], compile_cache))[0] == 0
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.slow
