@@ -70,6 +70,11 @@ def normal(seed, shape):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+def one_line(text, *words):
+    """Whether ``text`` is one line holding every one of ``words``."""
+    return text.strip().count("\n") == 0 and all(word in text for word in words)
+
+
 def all_images(cfg):
     """Every image of a tiny configuration: ``(levels ** (H*W*C), H, W, C)`` int32."""
     size = cfg.height * cfg.width * cfg.channels
@@ -212,13 +217,18 @@ def test_sampler_draws_from_the_model(model):
 
 
 def test_rgb_sampler_draws_from_the_model():
-    """RGB with 3 levels, one pixel: 27 outcomes, R then G then B."""
+    """RGB with 3 levels, one pixel: 27 outcomes, R then G then B. Random biases keep the
+    distribution far from uniform (initial ones make it nearly uniform, which any sampler
+    of uniform noise would match)."""
     cfg = small_config("diagbilstm", height=1, width=1, channels=3, levels=3)
-    params = pixelrnn.init(jax.random.PRNGKey(7), cfg)
+    params = with_random_biases(pixelrnn.init(jax.random.PRNGKey(7), cfg), jax.random.PRNGKey(107))
     probabilities = np.exp(np.asarray(pixelrnn.log_prob(params, cfg, all_images(cfg))))
     samples = pixelrnn.sample(params, cfg, jax.random.PRNGKey(8), 20_000)
     counts = np.bincount(image_index(samples, cfg.levels), minlength=len(probabilities))
     assert total_variation(counts, probabilities) < 0.03
+    other = with_random_biases(pixelrnn.init(jax.random.PRNGKey(9), cfg), jax.random.PRNGKey(109))
+    other = np.exp(np.asarray(pixelrnn.log_prob(other, cfg, all_images(cfg))))
+    assert total_variation(counts, other) > 2 * total_variation(counts, probabilities)
 
 
 @pytest.mark.parametrize("model", pixelrnn.MODELS)
@@ -838,7 +848,7 @@ def test_evaluate_scores_a_checkpoint_with_its_standard_error(tiny_runs, compile
     assert other[0] == stdout.splitlines()[0] and other[1] != stdout.splitlines()[1]
     assert other[1].endswith("(32 images, binarization seed 1)")
     code, _, stderr = wait(start_train(["--evaluate", "nowhere.npz"], compile_cache))
-    assert code == 2 and stderr == "train.py: error: no checkpoint at nowhere.npz\n"
+    assert code == 2 and one_line(stderr, "train.py: error:", "no checkpoint", "nowhere.npz")
 
 
 TWO_DEVICE_SCAN_CHECK = """
@@ -934,8 +944,7 @@ def test_a_finished_run_resumed_with_nothing_to_do_says_so_and_changes_no_file(t
         files = {path: path.read_bytes() for path in run.iterdir()}
         code, stdout, stderr = wait(start_train(["--out", str(run), "--resume"], compile_cache))
         assert code == 0, stderr
-        assert stdout == (f"{run} has already trained to {target} and been tested; nothing to do "
-                          f"(give a larger --epochs or --max-steps to train on)\n")
+        assert one_line(stdout, str(run), target, "nothing to do", "--epochs")
         assert files == {path: path.read_bytes() for path in run.iterdir()}
 
 
@@ -980,9 +989,8 @@ def test_ctrl_c_saves_a_checkpoint_and_a_bare_resume_keeps_the_target(tmp_path, 
     assert "Traceback" not in stderr
     meta = checkpoint_meta(tmp_path / "checkpoint.npz")
     step, epoch, index = (meta["progress"][name] for name in ("step", "epoch", "index"))
-    assert step >= 4 and stderr.splitlines()[-1] == (
-        f"train.py: interrupted at step {step}; saved {tmp_path / 'checkpoint.npz'}; "
-        f"continue with --resume")
+    assert step >= 4 and one_line(stderr.splitlines()[-1], f"interrupted at step {step}",
+                                  str(tmp_path / "checkpoint.npz"), "--resume")
     assert meta["target"] == {"epochs": 1000, "max_steps": 0}
 
     resumed = start_train(["--out", str(tmp_path), "--resume"], compile_cache)
@@ -1134,9 +1142,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_checkpoint(tiny_runs, tmp_path,
     poisoned = (run / "checkpoint.npz").read_bytes()
     code, _, stderr = wait(start_train(["--out", str(run), "--resume", "--epochs", "4"], compile_cache))
     assert code == train.EXIT_DIVERGED and "Traceback" not in stderr
-    assert stderr.splitlines()[-1] == (
-        f"train.py: error: the training loss is nan at step 13; stopped without saving; "
-        f"the last good checkpoint is {run / 'checkpoint.npz'}")
+    assert one_line(stderr.splitlines()[-1], "train.py: error:", "loss is nan at step 13",
+                    "without saving", str(run / "checkpoint.npz"))
     assert (run / "checkpoint.npz").read_bytes() == poisoned
 
 
@@ -1417,9 +1424,8 @@ def test_sample_py_without_shipped_weights_says_how_to_train_one(tmp_path):
     for script in ROOT.glob("*.py"):                   # the code alone: no weights/
         shutil.copy(script, tmp_path)
     code, _, stderr = run_sample(["--model", "diagbilstm"], tmp_path, tmp_path / "sample.py")
-    assert code == 2 and stderr == (
-        f"sample.py: error: no {tmp_path / 'weights' / 'diagbilstm-mnist.npz'}: train one first, "
-        f"e.g. `python train.py --model diagbilstm`, and pass --checkpoint PATH\n")
+    assert code == 2 and one_line(stderr, "sample.py: error:", "weights/diagbilstm-mnist.npz",
+                                  "python train.py --model diagbilstm", "--checkpoint")
 
 
 @pytest.mark.slow
@@ -1428,7 +1434,7 @@ def test_sample_py_never_replaces_its_checkpoint_or_a_file_that_is_not_a_png(tmp
     (tmp_path / "notes.txt").write_text("keep me")
     for out in ("w.npz", "notes.txt"):
         line = sample_py_error(["--checkpoint", "w.npz", "--out", out], tmp_path)
-        assert line == f"sample.py: error: --out {out} would replace a file that is not a PNG image"
+        assert one_line(line, "sample.py: error:", f"--out {out}", "not a PNG")
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     assert training.load_params(tmp_path / "w.npz")[0].model == "pixelcnn"
     assert "no folder" in sample_py_error(["--out", "nowhere/grid.png"], tmp_path)
