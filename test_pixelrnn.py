@@ -717,7 +717,8 @@ def test_the_first_line_names_the_connections_switched_off():
                           residual=False)
     run = types.SimpleNamespace(cfg=cfg, state={"params": pixelrnn.init(jax.random.PRNGKey(0), cfg)},
                                 settings={"dataset": "mnist"}, target={"epochs": 1, "max_steps": 0},
-                                steps_per_epoch=4, last_step=4, out="runs/x")
+                                steps_per_epoch=4, last_step=4, out="runs/x", progress=None,
+                                args=types.SimpleNamespace(resume=False, init_from=None))
     assert "h=4, head 8, no skip connections, no residual connections, " in train.describe_run(run)
 
 

@@ -315,6 +315,8 @@ def write_config(run):
         except BlockingIOError:
             raise UserError(f"{run.out} is in use by another train.py: wait for it to end or "
                             f"choose another --out") from None
+        if not run.args.resume and (run.out / "checkpoint.npz").exists():   # one that just ended
+            raise UserError(f"{run.out} already holds a run; pass --resume to continue it")
         for stale in run.out.glob(".*.tmp"):         # left by a write that was killed
             stale.unlink()
         text = json.dumps({"config": dataclasses.asdict(run.cfg), "settings": run.settings,
@@ -356,8 +358,9 @@ def describe_target(run):
 
 
 def describe_run(run):
-    """The first line of every run: what trains, at what size, on what."""
-    cfg, devices = run.cfg, jax.devices()
+    """The lines a run starts with: what trains, at what size, on what; where it resumes or
+    what it starts from."""
+    cfg, devices, p = run.cfg, jax.devices(), run.progress
     off = "".join(f"no {name} connections, " for name in ("skip", "residual")
                   if not getattr(cfg, name))
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
@@ -366,7 +369,11 @@ def describe_run(run):
             f"{pixelrnn.parameter_count(run.state['params']):,} parameters) on "
             f"{run.settings['dataset']}, {len(devices)} {devices[0].platform} "
             f"device{'s' if len(devices) > 1 else ''}{processes}, to {describe_target(run)}, "
-            f"into {run.out}")
+            f"into {run.out}"
+            + (f"\nresuming {run.out} at step {p.step} (epoch {p.epoch + 1}, batch {p.index}) of "
+               f"{describe_target(run)}" if run.args.resume else "")
+            + (f"\nstarting from the averaged parameters of {run.args.init_from} "
+               f"({p.images_before:,} images seen)" if run.args.init_from else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -507,12 +514,6 @@ def train(args):
     p = run.progress
     if jax.process_index() == 0:
         print(describe_run(run))
-        if args.resume:
-            print(f"resuming {run.out} at step {p.step} (epoch {p.epoch + 1}, batch {p.index}) "
-                  f"of {describe_target(run)}")
-        if args.init_from:
-            print(f"starting from the averaged parameters of {args.init_from} "
-                  f"({p.images_before:,} images seen)")
     batch = training.put_batch(np.zeros((run.settings["batch_size"], *run.ds.shape), np.uint8),
                                run.mesh)
     step = training.make_train_step(run.cfg, run.optimizer, run.mesh, run.settings["ema"])
