@@ -411,7 +411,7 @@ def read_loss(run, step, loss):
 def train_epoch(run, train_step, bar, stop):
     """Train to the end of the epoch, the target or a stop signal; returns images/s."""
     p, batch_size, (unit, factor) = run.progress, run.settings["batch_size"], nll_unit(run.cfg)
-    start, first_step, pending = time.perf_counter(), p.step, None
+    start, first_step, pending, speed = time.perf_counter(), p.step, None, None
     for index, images in data.train_batches(run.ds, batch_size, run.settings["seed"], p.epoch,
                                             p.index):
         run.state, loss = train_step(run.state, training.put_batch(images, run.mesh), p.step)
