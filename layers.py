@@ -282,10 +282,10 @@ def diagonal_bilstm(params, x, channels):
     """Diagonal BiLSTM layer: ``(B, H, W, 2h) -> (B, H, W, 2h)`` (before the residual add).
 
     Direction 0 scans the image's diagonals left to right; direction 1 does
-    the same on the horizontally mirrored image. Both run in one
-    ``lax.scan`` (:func:`diagonal_lstm_scan`). The input-to-state part is a ``1 x 1`` mask-B
-    convolution, computed on the unskewed map (no work wasted on the skew
-    padding) and then skewed. Direction 1's output is mirrored back and
+    the same on the horizontally mirrored image. Both run in one ``lax.scan``
+    (:func:`diagonal_lstm_scan`). The input-to-state part is a ``1 x 1``
+    mask-B convolution, computed on the unskewed map (no work wasted on the
+    skew padding) and then skewed. Direction 1's output is mirrored back and
     **shifted down one row** before the two are added: unshifted it would
     see pixels to the right in the same row, which come later in raster
     order.
