@@ -26,6 +26,7 @@ import os
 import pathlib
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1218,6 +1219,20 @@ def test_two_runs_started_on_one_folder_one_is_refused_and_the_other_finishes(tm
     refused = err_a if code_a else err_b
     assert "in use by another train.py" in refused or "already holds a run" in refused
     assert metrics(tmp_path)[-1]["test_nll"] > 0
+
+
+@pytest.mark.slow
+def test_a_disk_that_cannot_take_the_checkpoint_is_one_line_and_leaves_no_half_file(tmp_path):
+    """Files over 8 KB cannot be written (EFBIG, as a full disk gives ENOSPC; SIGXFSZ,
+    which would kill the process, ignored)."""
+    out = tmp_path / "run"
+    command = shlex.join([sys.executable, str(ROOT / "train.py"), *TINY, "--out", str(out),
+                          "--host-devices", "1"])
+    result = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 8; exec {command}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert one_line(result.stderr.splitlines()[-1], "train.py: error: cannot write", "File too large")
+    assert not list(out.glob(".*.tmp")) and not (out / "checkpoint.npz").exists()
 
 
 @pytest.mark.slow
